@@ -1,0 +1,37 @@
+# Everything a fresh machine needs goes through here: `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv data demo target test lint format clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian datasets (Fashion-MNIST IDX files, openclipart PNGs) when apt is available.
+data:
+	bash scripts/setup_data.sh
+
+# The main job: the Fashion-MNIST target, trained and exported as a SavedModel.
+demo: venv data
+	$(PY) -m copycat_tf.train_target --flagfile=experiments/fashion_mnist/target.flags
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,49 @@
+"""Keeps TensorFlow's native start-up chatter out of the verbs' output.
+
+TensorFlow's C++ runtime writes lines such as "oneDNN custom operations are on" and
+"Could not find cuda drivers" straight to file descriptor 2 while it is imported and
+while devices are first listed, before TF_CPP_MIN_LOG_LEVEL is honoured. We capture that
+descriptor during those two steps and pass through every line that is not known noise,
+so real errors still reach the user. TF_CPP_MIN_LOG_LEVEL=0 disables the filter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on"
+    r"|Could not find cuda drivers|failed call to cuInit|Unable to register cu\w+ factory"
+    r"|TF-TRT Warning|computation placer already registered|cuda_(?:dnn|fft|blas)\.cc"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|rebuild TensorFlow with the appropriate compiler flags"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports tensorflow and lists its devices with known native noise filtered out."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not _NOISE.search(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -1,0 +1,42 @@
+"""Shared command-line plumbing for the entry modules (flags, one-line errors)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+
+from copycat_tf.errors import UserInputError
+
+
+def parse_image_size(text: str) -> tuple[int, int] | None:
+    """'' -> None, '32' -> (32, 32), '32x48' -> (32, 48)."""
+    if not text:
+        return None
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserInputError(f"--image_size={text!r} is invalid; expected H or HxW, e.g. 32x32")
+    return size
+
+
+def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> None:
+    """app.run(main) printing user errors as one line and exiting 2 instead of a traceback."""
+    for name in required:
+        flags.mark_flag_as_required(name)
+
+    def wrapped(argv):
+        try:
+            main(argv)
+        except (UserInputError, FloatingPointError) as e:
+            prog = sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py")
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped)

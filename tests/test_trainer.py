@@ -1,0 +1,101 @@
+"""The trainer end to end on a tiny config: checkpoints, resume, TensorBoard, learning."""
+
+import json
+import os
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from copycat_tf.data import problem_domain
+from copycat_tf.models import registry
+from copycat_tf.training import trainer
+
+
+def _fit(domain, workdir, epochs, **overrides):
+    settings = {"batch_size": 16, "learning_rate": 3e-3, "verbose": 0, **overrides}
+    config = trainer.TrainConfig(epochs=epochs, **settings)
+    return trainer.train_classifier(
+        lambda: registry.build_model("small_cnn", domain.input_shape, domain.num_classes),
+        domain.split("train"),
+        domain.split("validation"),
+        num_train=domain.sizes["train"],
+        class_names=domain.class_names,
+        input_shape=domain.input_shape,
+        workdir=workdir,
+        config=config,
+        hparams={"model": "small_cnn"},
+    )
+
+
+def _tags(directory):
+    acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"])
+
+
+@pytest.fixture
+def domain(fashion_dir):
+    return problem_domain.load_problem_domain("fashion_mnist", data_dir=fashion_dir)
+
+
+def test_train_checkpoint_resume_and_summaries(domain, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = _fit(domain, workdir, epochs=2)
+    assert first.resumed_from == 0 and len(first.history) == 2
+    ckpt = os.path.join(workdir, trainer.CHECKPOINT_DIR)
+    with open(os.path.join(ckpt, trainer.STATE_FILE)) as f:
+        state = json.load(f)
+    assert state["epoch"] == 2 and state["latest"] == "epoch-0002.weights.h5"
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".h5")) == [
+        "best.weights.h5",
+        "epoch-0002.weights.h5",
+    ]
+
+    second = _fit(domain, workdir, epochs=3)
+    assert second.resumed_from == 2
+    assert [h["epoch"] for h in second.history] == [1, 2, 3]
+    # The optimizer state came back too: after 3 epochs the cosine schedule is at its end
+    # (alpha * peak), which it would not be had the step counter restarted at 0.
+    assert second.history[2]["train/learning_rate"] == pytest.approx(3e-3 * 0.01, rel=1e-3)
+
+    third = _fit(domain, workdir, epochs=3)  # nothing left to do
+    assert third.resumed_from == 3 and third.train_seconds < 60
+
+    tb = os.path.join(workdir, trainer.TENSORBOARD_DIR)
+    assert {"train/loss", "train/accuracy", "train/learning_rate", "train/samples"} <= _tags(
+        os.path.join(tb, "train")
+    )
+    assert {"eval/loss", "eval/accuracy", "eval/macro_f1"} <= _tags(os.path.join(tb, "eval"))
+    plugins = set()
+    for name in os.listdir(os.path.join(tb, "eval")):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, "eval", name)):
+            for value in event.summary.value:
+                plugins.add(value.metadata.plugin_data.plugin_name)
+    assert "hparams" in plugins
+
+
+def test_learning_loss_falls_and_beats_chance(domain, tmp_path):
+    result = _fit(domain, str(tmp_path / "run"), epochs=6)
+    losses = [h["train/loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    test = trainer.evaluate_model(
+        result.model,
+        domain.split("test").batch(64).map(lambda x, y: (tf.cast(x, "float32"), y)),
+        domain.num_classes,
+    )
+    assert test["accuracy"] > 0.5  # chance is 0.1
+
+
+def test_nan_loss_names_the_step(domain, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+"):
+        _fit(domain, str(tmp_path / "run"), epochs=1, learning_rate=float("nan"))
+
+
+def test_best_epoch_weights_are_restored(domain, tmp_path):
+    result = _fit(domain, str(tmp_path / "run"), epochs=3)
+    best = max(result.history, key=lambda h: h["eval/accuracy"])
+    assert result.best_epoch == best["epoch"]
+    batches = domain.split("validation").batch(64).map(lambda x, y: (tf.cast(x, "float32"), y))
+    scores = trainer.evaluate_model(result.model, batches, domain.num_classes)
+    assert scores["accuracy"] == pytest.approx(best["eval/accuracy"])
