@@ -66,3 +66,29 @@ def image_folder(tmp_path):
             png = tf.io.encode_png(image).numpy()
             (root / name / f"{name}_{i:02d}.png").write_bytes(png)
     return str(root)
+
+
+TINY_SHAPE = (16, 16, 1)
+TINY_CLASSES = ["zero", "one", "two"]
+
+
+def export_tiny_model(base_path: str, name: str = "m", version: int | None = None, seed: int = 0):
+    """Exports a small_cnn (16x16x1, 3 classes, random weights) as a real SavedModel."""
+    import keras
+
+    from copycat_tf.models import registry
+    from copycat_tf.training import export
+
+    keras.utils.set_random_seed(seed)
+    model = registry.build_model("small_cnn", TINY_SHAPE, len(TINY_CLASSES))
+    return export.export_classifier(
+        model, TINY_CLASSES, TINY_SHAPE, base_path, name, version=version
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(model_base_path of model 'm', path of its version 1)."""
+    root = tmp_path_factory.mktemp("models")
+    path = export_tiny_model(str(root))
+    return os.path.join(str(root), "m"), path

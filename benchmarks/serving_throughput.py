@@ -1,0 +1,169 @@
+"""Predictions per second of the embedded model server against the in-process ceiling.
+
+  .venv/bin/python -m benchmarks.serving_throughput [--seconds=3] [--clients=1,4]
+
+Exports a Fashion-MNIST-shaped small_cnn (28x28x1, 10 classes; weights do not change the
+cost), starts `copycat_tf.model_server` as a separate process on free localhost ports, and
+measures, at batch sizes 1, 32 and 256 and several concurrent clients:
+
+  in-process  the SavedModel's serving_default called directly (the ceiling)
+  grpc        PredictionService/Predict, uint8 tensor_content, official stubs
+  rest        POST :predict {"instances": [...]} (pixels as JSON numbers)
+  rest-b64    POST :predict via serving_bytes, PNGs as {"b64": ...} (encoded beforehand)
+
+Clients and server share the machine's cores, as they do in the attack on one machine.
+Prints a table with each transport's ratio to the in-process ceiling measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import keras
+import numpy as np
+import requests
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from copycat_tf.models import registry
+from copycat_tf.server.process import ServerProcess
+from copycat_tf.training import export
+
+SHAPE = (28, 28, 1)
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def run_clients(make_call, clients: int, seconds: float, batch: int) -> float:
+    """Images per second when `clients` threads call make_call()() back to back."""
+    counts = [0] * clients
+    stop = threading.Event()
+    errors = []
+
+    def worker(i):
+        call = make_call()
+        call()  # warm-up (connection set-up, tracing) outside the timed window
+        barrier.wait()
+        while not stop.is_set():
+            try:
+                call()
+            except Exception as e:  # reported below, not hidden
+                errors.append(repr(e))
+                return
+            counts[i] += batch
+
+    barrier = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"benchmark calls failed: {errors[:3]}")
+    return sum(counts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--batches", default="1,32,256")
+    parser.add_argument("--clients", default="1,4")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    client_counts = [int(c) for c in args.clients.split(",")]
+
+    workdir = tempfile.mkdtemp(prefix="bench-serving-")
+    keras.utils.set_random_seed(0)
+    model = registry.build_model("small_cnn", SHAPE, 10)
+    path = export.export_classifier(model, [str(i) for i in range(10)], SHAPE, workdir, "target")
+    loaded = tf.saved_model.load(path)
+    rng = np.random.default_rng(0)
+    data = {b: rng.integers(0, 256, (b, *SHAPE), dtype=np.uint8) for b in batches}
+    pngs = {
+        b: [base64.b64encode(tf.io.encode_png(im).numpy()).decode() for im in data[b]]
+        for b in batches
+    }
+
+    server = ServerProcess(
+        f"--model_base_path={os.path.join(workdir, 'target')}",
+        "--model_name=target",
+        model="target",
+    ).start()
+    rows = []
+    try:
+        for batch in batches:
+            for clients in client_counts:
+                x = data[batch]
+                tensor = tf.constant(x)
+                fn = loaded.signatures["serving_default"]
+
+                def in_process(fn=fn, tensor=tensor):
+                    return lambda: fn(images=tensor)["scores"].numpy()
+
+                def grpc_call(x=x):
+                    channel = grpc.insecure_channel(server.grpc_target, options=OPTIONS)
+                    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                    req = predict_pb2.PredictRequest()
+                    req.model_spec.name = "target"
+                    req.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
+                    return lambda: stub.Predict(req, 60)
+
+                def rest_call(body):
+                    def make_session_call():
+                        session = requests.Session()
+                        url = f"{server.rest}/v1/models/target:predict"
+                        return lambda: session.post(url, data=body, timeout=60).raise_for_status()
+
+                    return make_session_call
+
+                instances = json.dumps({"instances": x.tolist()})
+                b64 = json.dumps(
+                    {
+                        "signature_name": "serving_bytes",
+                        "instances": [{"b64": p} for p in pngs[batch]],
+                    }
+                )
+                ceiling = run_clients(in_process, clients, args.seconds, batch)
+                for name, make in (
+                    ("in-process", None),
+                    ("grpc", grpc_call),
+                    ("rest", rest_call(instances)),
+                    ("rest-b64", rest_call(b64)),
+                ):
+                    rate = (
+                        ceiling if make is None else run_clients(make, clients, args.seconds, batch)
+                    )
+                    rows.append((name, batch, clients, rate, rate / ceiling))
+                    print(
+                        f"  {name:10s} batch {batch:4d} clients {clients}: {rate:9.0f} img/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        server.stop()
+
+    print(f"\n{'transport':<11} {'batch':>5} {'clients':>7} {'images/s':>10} {'vs in-process':>14}")
+    for name, batch, clients, rate, ratio in rows:
+        print(f"{name:<11} {batch:>5} {clients:>7} {rate:>10.0f} {ratio:>13.0%}")
+    print(
+        f"\ncommand: .venv/bin/python -m benchmarks.serving_throughput --seconds={args.seconds:g}"
+        f" --batches={args.batches} --clients={args.clients}"
+    )
+    print(f"machine: {os.cpu_count()} cores; TensorFlow {tf.__version__}")
+
+
+if __name__ == "__main__":
+    main()

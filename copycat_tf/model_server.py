@@ -1,0 +1,105 @@
+"""Serve SavedModels with TensorFlow Serving's REST and gRPC APIs (wire-compatible).
+
+  python -m copycat_tf.model_server --port=8500 --rest_api_port=8501 \
+      --model_name=target --model_base_path=runs/fashion_mnist/models/target
+
+Serves <model_base_path>/<version>/ (latest version; new versions are picked up without a
+restart) or the models of --model_config_file (TF Serving's models.config). Flags are named
+as tensorflow_model_server's; the last group emulates a hardened cloud API (API keys, rate
+limit, output defences). SIGTERM or Ctrl-C drains requests in flight and exits.
+"""
+
+from absl import flags
+
+from copycat_tf import cli
+from copycat_tf.server import app
+
+# tensorflow_model_server's flags (defaults as there).
+flags.DEFINE_integer(
+    "port",
+    8500,
+    "gRPC port (0: no gRPC unless --rest_api_port is 0 too).",
+    lower_bound=0,
+    upper_bound=65535,
+)
+flags.DEFINE_integer(
+    "rest_api_port", 0, "HTTP/REST port; 0 disables REST.", lower_bound=0, upper_bound=65535
+)
+flags.DEFINE_string("model_name", "default", "Model name (ignored with --model_config_file).")
+flags.DEFINE_string(
+    "model_base_path",
+    "",
+    "Directory of numeric version subdirectories (ignored with --model_config_file).",
+)
+flags.DEFINE_string(
+    "model_config_file",
+    "",
+    "ModelServerConfig text proto (models.config): several models, version policies, labels.",
+)
+flags.DEFINE_float(
+    "file_system_poll_wait_seconds",
+    1.0,
+    "Interval between scans for new versions; <= 0 scans once at start.",
+)
+flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Timeout of a REST call.", lower_bound=1)
+flags.DEFINE_boolean("rest_api_enable_cors_support", False, "Add CORS headers to REST answers.")
+flags.DEFINE_boolean("enable_batching", True, "Merge concurrent requests into one model call.")
+flags.DEFINE_string(
+    "batching_parameters_file",
+    "",
+    "BatchingParameters text proto "
+    "(max_batch_size, batch_timeout_micros, max_enqueued_batches, "
+    "num_batch_threads); overrides the batching flags below.",
+)
+flags.DEFINE_integer("grpc_max_threads", 16, "gRPC worker threads.", lower_bound=1)
+# Batching, spelled as BatchingParameters' fields.
+flags.DEFINE_integer("max_batch_size", 256, "Most rows merged into one model call.", lower_bound=1)
+flags.DEFINE_integer(
+    "batch_timeout_micros", 0, "How long a batch waits for more requests.", lower_bound=0
+)
+flags.DEFINE_integer(
+    "max_enqueued_batches",
+    128,
+    "Queued requests before answering UNAVAILABLE / 503.",
+    lower_bound=1,
+)
+flags.DEFINE_integer("num_batch_threads", 2, "Threads running model calls.", lower_bound=1)
+# copycat_tf additions.
+flags.DEFINE_string("host", "0.0.0.0", "Address both APIs bind (TF Serving binds all).")
+flags.DEFINE_integer(
+    "max_request_bytes",
+    0,
+    "Largest request accepted (REST: 413; gRPC: RESOURCE_EXHAUSTED); 0 = TF Serving's limits.",
+    lower_bound=0,
+)
+flags.DEFINE_float(
+    "drain_seconds", 10.0, "How long shutdown waits for requests in flight.", lower_bound=0.0
+)
+flags.DEFINE_string(
+    "api_keys_file",
+    "",
+    "Require an API key (one per line in this file) as "
+    "'x-api-key' or 'Authorization: Bearer'; 401 / UNAUTHENTICATED otherwise.",
+)
+flags.DEFINE_float(
+    "rate_limit_qps",
+    0.0,
+    "Requests per second per API key (or client); 429 / RESOURCE_EXHAUSTED beyond. 0 = unlimited.",
+    lower_bound=0.0,
+)
+flags.DEFINE_string(
+    "output_defense",
+    "none",
+    "none | top1 | topk:K | round:D | "
+    "reverse_sigmoid:BETA,GAMMA | gaussian:SIGMA, applied to the scores.",
+)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    app.serve(app.server_config_from_flags(FLAGS))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,244 @@
+"""The embedded model server: model store + batching + gRPC and REST front ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as pylogging
+import os
+import signal
+import sys
+import threading
+
+from absl import logging
+
+from copycat_tf.errors import UserInputError
+from copycat_tf.server.batching import BatchScheduler
+from copycat_tf.server.core import ACCESS_LOG, Gatekeeper, ServingCore, parse_api_keys_file
+from copycat_tf.server.defenses import OutputDefense, parse_defense
+from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
+from copycat_tf.server.model_store import ModelConfig, ModelStore, parse_model_config_file
+from copycat_tf.server.rest_api import RestServer
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings of one model server process (see model_server.py for the flags).
+
+    Attributes:
+      models: the models to serve.
+      port: gRPC port (0 disables gRPC unless rest_api_port is also 0).
+      rest_api_port: REST port (0 disables REST).
+      host: address both APIs bind.
+      poll_seconds: interval of the version poller (<= 0: look once).
+      max_batch_size / batch_timeout_s / max_enqueued / num_batch_threads: batching.
+      grpc_max_threads: gRPC worker threads.
+      max_request_bytes: request size limit for both APIs (0: TF Serving's 2 GiB gRPC).
+      request_timeout_s: REST call timeout (TF Serving's --rest_api_timeout_in_ms).
+      api_keys: accepted API keys, or None for an open server.
+      rate_limit_qps: requests per second per key or client (0: unlimited).
+      defense: output defence applied to every answer.
+      drain_seconds: how long a shutdown waits for requests in flight.
+      cors: add TF Serving's CORS headers.
+    """
+
+    models: list[ModelConfig]
+    port: int = 8500
+    rest_api_port: int = 0
+    host: str = "0.0.0.0"
+    poll_seconds: float = 1.0
+    max_batch_size: int = 256
+    batch_timeout_s: float = 0.0
+    max_enqueued: int = 128
+    num_batch_threads: int = 2
+    grpc_max_threads: int = 16
+    max_request_bytes: int = 0
+    request_timeout_s: float = 30.0
+    api_keys: frozenset[str] | None = None
+    rate_limit_qps: float = 0.0
+    defense: OutputDefense = dataclasses.field(default_factory=OutputDefense)
+    drain_seconds: float = 10.0
+    cors: bool = False
+
+
+class ModelServer:
+    """Start, serve, drain. Usable in-process (tests, demo) and from model_server.py."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.store = ModelStore(config.models, config.poll_seconds)
+        self.scheduler = BatchScheduler(
+            config.max_batch_size,
+            config.batch_timeout_s,
+            config.max_enqueued,
+            config.num_batch_threads,
+        )
+        self.core = ServingCore(
+            self.store,
+            self.scheduler,
+            Gatekeeper(config.api_keys, config.rate_limit_qps),
+            config.defense,
+            config.request_timeout_s,
+        )
+        self._grpc = None
+        self._rest: RestServer | None = None
+        self._rest_thread: threading.Thread | None = None
+        self.grpc_port = 0
+        self.rest_port = 0
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Loads the models, then opens the ports (so a reachable server can answer).
+
+        Raises:
+          OSError: a port cannot be bound.
+        """
+        cfg = self.config
+        self.store.start()
+        if cfg.port or not cfg.rest_api_port:
+            self._grpc, self.grpc_port = build_grpc_server(
+                self.core,
+                cfg.host,
+                cfg.port,
+                cfg.grpc_max_threads,
+                cfg.max_request_bytes or MAX_MESSAGE_BYTES,
+            )
+            self._grpc.start()
+            logging.info("Running gRPC ModelServer at %s:%d ...", cfg.host, self.grpc_port)
+        if cfg.rest_api_port:
+            try:
+                self._rest = RestServer(
+                    (cfg.host, cfg.rest_api_port),
+                    self.core,
+                    cfg.max_request_bytes,
+                    cfg.request_timeout_s,
+                    cfg.cors,
+                )
+            except OSError as e:
+                self.stop()
+                raise OSError(f"cannot bind REST port {cfg.host}:{cfg.rest_api_port}: {e}") from e
+            self.rest_port = self._rest.server_address[1]
+            self._rest_thread = threading.Thread(
+                target=self._rest.serve_forever, name="rest", daemon=True
+            )
+            self._rest_thread.start()
+            logging.info("Exporting HTTP/REST API at:%s:%d ...", cfg.host, self.rest_port)
+
+    def stop(self) -> None:
+        """Stops accepting, drains requests in flight (up to drain_seconds), unloads."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.drain_seconds
+        done = self._grpc.stop(grace) if self._grpc is not None else None
+        if self._rest is not None:
+            if not self._rest.drain(grace):
+                logging.warning("REST requests still running after %.0fs drain", grace)
+            self._rest.server_close()
+        if done is not None:
+            done.wait(grace)
+        self.scheduler.stop()
+        self.store.stop()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(config: ServerConfig) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains and returns."""
+    handler = pylogging.StreamHandler(sys.stderr)
+    handler.setFormatter(pylogging.Formatter("%(asctime)s access %(message)s"))
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.setLevel(pylogging.INFO)
+    ACCESS_LOG.propagate = False
+    server = ModelServer(config)
+    server.start()
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        logging.info("signal %d: draining and shutting down", signum)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop_requested.wait(0.5):
+        pass
+    server.stop()
+    logging.info("model server stopped")
+
+
+def _batching_parameters(path: str) -> dict[str, int]:
+    """The integer fields of a BatchingParameters text proto ('name { value: N }')."""
+    import re
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UserInputError(f"--batching_parameters_file {path} cannot be read: {e}") from e
+    fields = dict(re.findall(r"(\w+)\s*\{\s*value:\s*(\d+)\s*\}", text))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def server_config_from_flags(values) -> ServerConfig:
+    """Builds a ServerConfig from model_server's flags, with one-line errors."""
+    if values.model_config_file:
+        try:
+            models = parse_model_config_file(values.model_config_file)
+        except ValueError as e:
+            raise UserInputError(str(e)) from e
+    elif values.model_base_path:
+        models = [ModelConfig(values.model_name, values.model_base_path)]
+    else:
+        raise UserInputError(
+            "nothing to serve: pass --model_base_path=<dir with numeric version "
+            "subdirectories> (and --model_name), or --model_config_file=<models.config>"
+        )
+    if values.port == values.rest_api_port and values.port:
+        raise UserInputError(f"--port and --rest_api_port are both {values.port}; they must differ")
+    try:
+        defense = parse_defense(values.output_defense)
+        api_keys = parse_api_keys_file(values.api_keys_file) if values.api_keys_file else None
+    except ValueError as e:
+        raise UserInputError(str(e)) from e
+    batching = {
+        "max_batch_size": values.max_batch_size,
+        "batch_timeout_micros": values.batch_timeout_micros,
+        "max_enqueued_batches": values.max_enqueued_batches,
+        "num_batch_threads": values.num_batch_threads,
+    }
+    if values.batching_parameters_file:
+        batching.update(
+            {
+                k: v
+                for k, v in _batching_parameters(values.batching_parameters_file).items()
+                if k in batching
+            }
+        )
+    if not values.enable_batching:
+        batching["max_batch_size"] = 1
+    for model in models:
+        if not os.path.isdir(model.base_path):
+            logging.warning(
+                "base path %s of model %s does not exist yet; it is polled until it does",
+                model.base_path,
+                model.name,
+            )
+    return ServerConfig(
+        models=models,
+        port=values.port,
+        rest_api_port=values.rest_api_port,
+        host=values.host,
+        poll_seconds=values.file_system_poll_wait_seconds,
+        max_batch_size=batching["max_batch_size"],
+        batch_timeout_s=batching["batch_timeout_micros"] / 1e6,
+        max_enqueued=batching["max_enqueued_batches"],
+        num_batch_threads=batching["num_batch_threads"],
+        grpc_max_threads=values.grpc_max_threads,
+        max_request_bytes=values.max_request_bytes,
+        request_timeout_s=values.rest_api_timeout_in_ms / 1000.0,
+        api_keys=api_keys,
+        rate_limit_qps=values.rate_limit_qps,
+        defense=defense,
+        drain_seconds=values.drain_seconds,
+        cors=values.rest_api_enable_cors_support,
+    )

@@ -1,0 +1,148 @@
+"""Running `python -m copycat_tf.model_server` as a child process on free local ports.
+
+Used by the tests, the benchmarks and the demo: a real server process with real sockets,
+ready (a version AVAILABLE) when `start()` returns, drained with SIGTERM on `stop()`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_available(
+    rest_port: int,
+    model: str,
+    timeout_s: float = 120.0,
+    proc=None,
+    host: str = "127.0.0.1",
+    log_path: str | None = None,
+) -> None:
+    """Polls GET /v1/models/<model> until a version is AVAILABLE (TF Serving readiness).
+
+    Raises:
+      RuntimeError: the server process exited.
+      TimeoutError: no version became AVAILABLE in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    url = f"http://{host}:{rest_port}/v1/models/{model}"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            err = ""
+            if log_path:
+                with open(log_path, errors="replace") as f:
+                    err = f.read()[-2000:]
+            raise RuntimeError(f"model server exited with {proc.returncode}: {err}")
+        try:
+            r = requests.get(url, timeout=2)
+            if r.ok and any(v["state"] == "AVAILABLE" for v in r.json()["model_version_status"]):
+                return
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"model {model} not AVAILABLE at {url} after {timeout_s:.0f}s")
+
+
+class ServerProcess:
+    """A model_server child process on free localhost ports; a context manager.
+
+    Args:
+      *flags: extra model_server flags (--model_base_path=..., --output_defense=...).
+      model: the model name whose readiness `start()` waits for.
+      stderr_path: file for the server's log (access lines); None uses a temporary file.
+    """
+
+    def __init__(self, *flags: str, model: str = "m", stderr_path: str | None = None):
+        self.host = "127.0.0.1"
+        self.grpc_port = free_port()
+        self.rest_port = free_port()
+        self.model = model
+        self.args = [
+            sys.executable,
+            "-m",
+            "copycat_tf.model_server",
+            f"--host={self.host}",
+            f"--port={self.grpc_port}",
+            f"--rest_api_port={self.rest_port}",
+            *flags,
+        ]
+        self._stderr_path = stderr_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def rest(self) -> str:
+        return f"http://{self.host}:{self.rest_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def rss_kb(self) -> int:
+        """Resident memory of the server process (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def start(self, timeout_s: float = 120.0) -> ServerProcess:
+        """Starts the process and waits until the model is AVAILABLE."""
+        if self._stderr_path is None:
+            fd, self._stderr_path = tempfile.mkstemp(prefix="model_server-", suffix=".log")
+            os.close(fd)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        # A file, not a pipe: nobody reads a pipe while the server runs, and a full pipe
+        # would block its logging.
+        with open(self._stderr_path, "w") as log:
+            self.proc = subprocess.Popen(
+                self.args, cwd=_REPO, env=env, stdout=subprocess.DEVNULL, stderr=log
+            )
+        try:
+            wait_available(
+                self.rest_port, self.model, timeout_s, proc=self.proc, log_path=self._stderr_path
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        """What the server has written to stderr so far."""
+        with open(self._stderr_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout_s: float = 30.0) -> tuple[int, str]:
+        """SIGTERM (the server drains), then wait; returns (exit code, server log)."""
+        if self.proc is None:
+            return 0, ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode, self.log()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

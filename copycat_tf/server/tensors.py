@@ -1,0 +1,428 @@
+"""Tensors on the wire: TensorProto <-> numpy (gRPC) and JSON <-> numpy (REST).
+
+Decoding follows TF's Tensor::FromProto (tensor_content, else the typed *_val field with
+the last value repeated); encoding uses typed *_val fields as TF Serving does. JSON
+follows TF Serving's json_tensor.cc rules (reference §1.4, §1.5), including its float
+formatting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+from copycat_tf.server.status import invalid
+
+# DataType -> (numpy dtype, typed TensorProto field)
+_PROTO_FIELDS = {
+    types_pb2.DT_FLOAT: (np.float32, "float_val"),
+    types_pb2.DT_DOUBLE: (np.float64, "double_val"),
+    types_pb2.DT_INT32: (np.int32, "int_val"),
+    types_pb2.DT_INT16: (np.int16, "int_val"),
+    types_pb2.DT_INT8: (np.int8, "int_val"),
+    types_pb2.DT_UINT8: (np.uint8, "int_val"),
+    types_pb2.DT_INT64: (np.int64, "int64_val"),
+    types_pb2.DT_UINT32: (np.uint32, "uint32_val"),
+    types_pb2.DT_UINT64: (np.uint64, "uint64_val"),
+    types_pb2.DT_BOOL: (np.bool_, "bool_val"),
+    types_pb2.DT_STRING: (np.object_, "string_val"),
+}
+_TYPE_NAMES = {
+    tf.float32: "float",
+    tf.float64: "double",
+    tf.int32: "int32",
+    tf.int16: "int16",
+    tf.int8: "int8",
+    tf.uint8: "uint8",
+    tf.int64: "int64",
+    tf.uint32: "uint32",
+    tf.uint64: "uint64",
+    tf.bool: "bool",
+    tf.string: "string",
+}
+
+
+# ----------------------------------------------------------------------------- gRPC
+
+
+def proto_to_numpy(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
+    """Decodes a request TensorProto.
+
+    Raises:
+      ServingError: INVALID_ARGUMENT "tensor parsing error: <alias>" when it cannot be read.
+    """
+    entry = _PROTO_FIELDS.get(proto.dtype)
+    if entry is None or proto.tensor_shape.unknown_rank:
+        raise invalid(f"tensor parsing error: {alias}")
+    np_dtype, field = entry
+    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in shape):
+        raise invalid(f"tensor parsing error: {alias}")
+    count = math.prod(shape)
+    if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
+        content = proto.tensor_content
+        if len(content) != count * np.dtype(np_dtype).itemsize:
+            raise invalid(f"tensor parsing error: {alias}")
+        return np.frombuffer(content, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape)
+    values = getattr(proto, field)
+    n = len(values)
+    if proto.dtype == types_pb2.DT_STRING:
+        flat = np.empty(count, dtype=object)
+        items = list(values[:count])
+        if items:
+            items += [items[-1]] * (count - len(items))
+        else:
+            items = [b""] * count
+        flat[:] = items
+        return flat.reshape(shape)
+    if n == 0:
+        return np.zeros(shape, np_dtype)
+    flat = np.asarray(values[:count] if n >= count else values, dtype=np_dtype)
+    if n < count:  # TF repeats the last value to fill the shape
+        flat = np.concatenate([flat, np.full(count - n, flat[-1], np_dtype)])
+    return flat.reshape(shape)
+
+
+def numpy_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """Encodes a response tensor with typed *_val fields (TF Serving's default)."""
+    array = np.asarray(array)
+    dtype = tf.as_dtype(array.dtype if array.dtype != object else tf.string)
+    proto = tensor_pb2.TensorProto(
+        dtype=dtype.as_datatype_enum,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
+        ),
+    )
+    field = _PROTO_FIELDS[dtype.as_datatype_enum][1]
+    flat = array.ravel()
+    if dtype == tf.string:
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
+    else:
+        getattr(proto, field).extend(flat.tolist())
+    return proto
+
+
+# ----------------------------------------------------------------------------- JSON in
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "Null"
+    if value is True:
+        return "True"
+    if value is False:
+        return "False"
+    if isinstance(value, dict):
+        return "Object"
+    if isinstance(value, list):
+        return "Array"
+    if isinstance(value, str):
+        return "String"
+    return "Number"
+
+
+def _type_error(value, dtype: tf.DType):
+    dump = json.dumps(value)[:256]
+    return invalid(
+        f"JSON Value: {dump} Type: {_json_type(value)} is not of expected type: "
+        f"{_TYPE_NAMES.get(dtype, dtype.name)}"
+    )
+
+
+def _scalar(value, dtype: tf.DType):
+    """Checks one JSON scalar against a dtype as AddValueToTensor does; returns it."""
+    if dtype == tf.string:
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, dict) and len(value) == 1 and "b64" in value:
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise invalid("Unable to base64 decode") from None
+        raise _type_error(value, dtype)
+    if dtype == tf.bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(value, dtype)
+    if dtype.is_floating:
+        return value
+    if not isinstance(value, int):
+        raise _type_error(value, dtype)
+    if dtype.is_unsigned and value < 0:
+        raise _type_error(value, dtype)
+    return value
+
+
+def _is_value(obj) -> bool:
+    """A plain value, list or {"b64": ...} object (not an object of named inputs)."""
+    return not isinstance(obj, dict) or (len(obj) == 1 and "b64" in obj)
+
+
+def _shape_of(value) -> list[int]:
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def json_to_numpy(value, dtype: tf.DType) -> np.ndarray:
+    """Converts a (nested list of) JSON values to an array of `dtype`.
+
+    The shape comes from following the first element at each level; every list must have
+    that length (TF Serving's GetDenseTensorShape + FillTensorProto).
+    """
+    shape = _shape_of(value)
+    np_dtype = object if dtype == tf.string else dtype.as_numpy_dtype
+    if dtype != tf.string and shape and shape[-1] > 0:
+        fast = _fast_numeric(value, shape, dtype)
+        if fast is not None:
+            return fast
+    flat: list = []
+
+    def walk(v, level):
+        if level == len(shape):
+            if isinstance(v, list):
+                raise invalid(f"Encountered list at unexpected size: {v!r:.64} at level {level}")
+            flat.append(_scalar(v, dtype))
+            return
+        if not isinstance(v, list):
+            raise invalid(
+                f"Encountered scalar element: {json.dumps(v)[:64]} found at incorrect level: "
+                f"{level}"
+            )
+        if len(v) != shape[level]:
+            raise invalid(
+                f"Encountered list at unexpected size: {len(v)} at level: {level} "
+                f"expected size: {shape[level]}"
+            )
+        for item in v:
+            walk(item, level + 1)
+
+    walk(value, 0)
+    array = np.empty(len(flat), dtype=np_dtype)
+    if flat:
+        array[:] = flat
+    return array.reshape(shape)
+
+
+def _fast_numeric(value, shape: list[int], dtype: tf.DType) -> np.ndarray | None:
+    """numpy's parser for the common well-formed case; None means "check slowly"."""
+    try:
+        array = np.array(value)
+    except ValueError:
+        return None
+    if list(array.shape) != shape:
+        return None
+    kind = array.dtype.kind
+    ok = (kind == "i" and (dtype.is_integer or dtype.is_floating)) or (
+        kind == "f" and dtype.is_floating
+    )
+    if dtype == tf.bool:
+        ok = kind == "b"
+    if not ok:
+        return None
+    if dtype.is_integer:
+        info = np.iinfo(dtype.as_numpy_dtype)
+        if array.size and (array.min() < min(info.min, 0) or array.max() > info.max):
+            return None
+    return array.astype(dtype.as_numpy_dtype)
+
+
+def request_inputs(body: dict, signature) -> tuple[dict[str, np.ndarray], bool]:
+    """Builds input arrays from a :predict body; returns (inputs, row_format).
+
+    Args:
+      body: the parsed JSON object.
+      signature: the SignatureInfo whose inputs give names and dtypes.
+
+    Raises:
+      ServingError: INVALID_ARGUMENT with TF Serving's messages.
+    """
+    has_instances, has_inputs = "instances" in body, "inputs" in body
+    if has_instances and has_inputs:
+        raise invalid(
+            f"JSON Value: {json.dumps(body)[:256]} Not formatted correctly expecting only "
+            "one of 'inputs' or 'instances' keys to exist"
+        )
+    if not has_instances and not has_inputs:
+        raise invalid("Missing 'inputs' or 'instances' key")
+    specs = signature.inputs
+    if has_inputs:
+        data = body["inputs"]
+        if _is_value(data):
+            if len(specs) != 1:
+                raise invalid(
+                    "inputs is a plain value/list, but expecting an object as multiple input "
+                    "tensors required as per tensorinfo_map"
+                )
+            ((name, spec),) = specs.items()
+            return {name: json_to_numpy(data, spec.dtype)}, False
+        out = {}
+        for name, spec in specs.items():
+            if name not in data:
+                raise invalid(f"Missing named input: {name} in 'inputs' object.")
+            out[name] = json_to_numpy(data[name], spec.dtype)
+        return out, False
+
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise invalid("Expecting 'instances' to be an list/array")
+    if not instances:
+        raise invalid("No values in 'instances' array")
+    named = not _is_value(instances[0])
+    if not named and len(specs) != 1:
+        raise invalid(
+            "instances is a plain list, but expecting list of objects as multiple input "
+            "tensors required as per tensorinfo_map"
+        )
+    columns: dict[str, list] = {name: [] for name in specs}
+    for i, item in enumerate(instances):
+        if named != (not _is_value(item)):
+            raise invalid(
+                f"Failed to process element: {i} of 'instances' list. Error: "
+                "INVALID_ARGUMENT: Expecting all elements to be objects or all plain values"
+            )
+        if named:
+            if set(item) != set(specs):
+                raise invalid(
+                    f"Failed to process element: {i} of 'instances' list. JSON object: "
+                    f"{json.dumps(item)[:256]} keys: {sorted(item)} do not match expected "
+                    f"input keys: {sorted(specs)}"
+                )
+            for name in specs:
+                columns[name].append(item[name])
+        else:
+            columns[next(iter(specs))].append(item)
+    out = {}
+    for name, values in columns.items():
+        out[name] = _stack_instances(values, name if named else None, specs[name].dtype)
+    return out, True
+
+
+def _stack_instances(values: list, key: str | None, dtype: tf.DType) -> np.ndarray:
+    try:
+        batch = json_to_numpy(values, dtype)
+    except Exception as e:
+        if not hasattr(e, "code"):
+            raise
+        # Locate the element for TF Serving's per-element message.
+        expected = None
+        for i, v in enumerate(values):
+            label = f"key: {key} " if key else ""
+            try:
+                element = json_to_numpy(v, dtype)
+            except Exception as inner:
+                if not hasattr(inner, "code"):
+                    raise
+                raise invalid(
+                    f"Failed to process element: {i} {label}of 'instances' list. Error: "
+                    f"INVALID_ARGUMENT: {inner.message}"
+                ) from None
+            if expected is None:
+                expected = element.shape
+            elif element.shape != expected:
+                if element.size != math.prod(expected):
+                    raise invalid(
+                        f"Expecting tensor size: {math.prod(expected)} but got: {element.size}"
+                    ) from None
+                raise invalid(
+                    f"Expecting shape {list(expected)} but got: {list(element.shape)}"
+                ) from None
+        raise
+    return batch
+
+
+# ----------------------------------------------------------------------------- JSON out
+
+
+def format_float(value: float, double: bool = False) -> str:
+    """TF Serving's WriteDecimal: %g, or %.9g / %.17g when %g does not round-trip."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    text = f"{value:g}"
+    if double:
+        if float(text) != value:
+            text = f"{value:.17g}"
+    elif np.float32(float(text)) != np.float32(value):
+        text = f"{value:.9g}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text
+
+
+def _json_values(array: np.ndarray, alias: str) -> str:
+    """JSON text of a tensor (nested lists) with TF Serving's scalar formatting."""
+    kind = array.dtype.kind
+    if kind == "f":
+        double = array.dtype == np.float64
+        items = [format_float(float(v), double) for v in array.ravel().tolist()]
+    elif kind in "iu":
+        items = [str(v) for v in array.ravel().tolist()]
+    elif kind == "b":
+        items = ["true" if v else "false" for v in array.ravel().tolist()]
+    else:
+        as_b64 = alias.endswith("_bytes")
+        items = []
+        for v in array.ravel().tolist():
+            raw = v if isinstance(v, bytes) else str(v).encode()
+            if as_b64:
+                items.append('{"b64": "' + base64.b64encode(raw).decode() + '"}')
+            else:
+                items.append(json.dumps(raw.decode("utf-8", errors="replace")))
+    return _nest(items, list(array.shape))
+
+
+def _nest(items: list[str], shape: list[int]) -> str:
+    if not shape:
+        return items[0]
+    if len(shape) == 1:
+        return "[" + ", ".join(items) + "]"
+    step = math.prod(shape[1:])
+    return (
+        "["
+        + ", ".join(_nest(items[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0]))
+        + "]"
+    )
+
+
+def predict_response_json(outputs: dict[str, np.ndarray], row_format: bool) -> str:
+    """{"predictions": ...} (row) or {"outputs": ...} (columnar) as TF Serving writes them."""
+    if not row_format:
+        if len(outputs) == 1:
+            ((alias, value),) = outputs.items()
+            return '{\n    "outputs": ' + _json_values(value, alias) + "\n}"
+        parts = [f'"{k}": {_json_values(v, k)}' for k, v in outputs.items()]
+        return '{\n    "outputs": {\n        ' + ",\n        ".join(parts) + "\n    }\n}"
+    batch = None
+    for alias, value in outputs.items():
+        if value.ndim == 0:
+            raise invalid(f"Tensor name: {alias} has no shape information ")
+        if batch is None:
+            batch = value.shape[0]
+        elif value.shape[0] != batch:
+            raise invalid(
+                f"Tensor name: {alias} has inconsistent batch size: {value.shape[0]} "
+                f"expecting: {batch}"
+            )
+    if len(outputs) == 1:
+        ((alias, value),) = outputs.items()
+        rows = [_json_values(value[i], alias) for i in range(value.shape[0])]
+    else:
+        rows = [
+            "{" + ", ".join(f'"{k}": {_json_values(v[i], k)}' for k, v in outputs.items()) + "}"
+            for i in range(batch or 0)
+        ]
+    return '{\n    "predictions": [' + ", ".join(rows) + "\n    ]\n}"

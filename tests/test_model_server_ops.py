@@ -1,0 +1,398 @@
+"""Operations of the model server: hot reload, broken versions, auth, rate limits,
+output defences, a full queue, draining on SIGTERM, and a fuzz run."""
+
+import base64
+import concurrent.futures
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from conftest import export_tiny_model
+from server_util import ServerProcess, in_process_server
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from copycat_tf.server.defenses import parse_defense
+
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def _images(n=2, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+
+
+def _grpc_predict(target, x, metadata=None, model="m"):
+    with grpc.insecure_channel(target, options=OPTIONS) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model
+        req.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
+        return stub.Predict(req, 30, metadata=metadata)
+
+
+def _rest_predict(server, x, headers=None, path="m"):
+    return requests.post(
+        f"http://127.0.0.1:{server.rest_port}/v1/models/{path}:predict",
+        json={"instances": x.tolist()},
+        headers=headers or {},
+        timeout=60,
+    )
+
+
+def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_reload_and_broken_version(tmp_path):
+    base = str(tmp_path / "models")
+    export_tiny_model(base, version=1, seed=1)
+    with in_process_server(os.path.join(base, "m"), poll_seconds=0.2) as server:
+        target = f"127.0.0.1:{server.grpc_port}"
+        assert _grpc_predict(target, _images()).model_spec.version.value == 1
+        export_tiny_model(base, version=2, seed=2)
+        assert _wait_for(lambda: _grpc_predict(target, _images()).model_spec.version.value == 2)
+        status = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m").json()
+        states = {s["version"]: s["state"] for s in status["model_version_status"]}
+        assert states == {"2": "AVAILABLE", "1": "END"}
+
+        # A broken version 3 never takes down version 2.
+        broken = tmp_path / "models" / "m" / "3"
+        broken.mkdir()
+        (broken / "saved_model.pb").write_bytes(b"garbage")
+        assert _wait_for(
+            lambda: any(
+                s["version"] == "3" and s["state"] == "END" and s["status"]["error_message"]
+                for s in requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m").json()[
+                    "model_version_status"
+                ]
+            )
+        )
+        assert _grpc_predict(target, _images()).model_spec.version.value == 2
+        # Fixing version 3 in place (new directory contents) gets it loaded.
+        shutil.rmtree(broken)
+        export_tiny_model(base, version=3, seed=3)
+        assert _wait_for(lambda: _grpc_predict(target, _images()).model_spec.version.value == 3)
+
+
+def test_version_policies_from_config_file(tmp_path):
+    from copycat_tf.server.model_store import parse_model_config_file
+
+    base = str(tmp_path / "models")
+    for v in (1, 2, 3):
+        export_tiny_model(base, version=v, seed=v)
+    config = tmp_path / "models.config"
+    config.write_text(
+        "model_config_list {\n"
+        "  config { name: 'all' base_path: 'models/m' model_version_policy { all {} } }\n"
+        "  config { name: 'two' base_path: 'models/m' "
+        "model_version_policy { specific { versions: 1 versions: 3 } }\n"
+        "    version_labels { key: 'canary' value: 3 } }\n"
+        "  config { name: 'latest2' base_path: 'models/m' "
+        "model_version_policy { latest { num_versions: 2 } } }\n"
+        "}\n"
+    )
+    models = parse_model_config_file(str(config))  # relative base paths: next to the file
+    with in_process_server("", models=models, poll_seconds=0) as server:
+
+        def versions(name):
+            body = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/{name}").json()
+            return sorted(
+                int(s["version"]) for s in body["model_version_status"] if s["state"] == "AVAILABLE"
+            )
+
+        assert versions("all") == [1, 2, 3]
+        assert versions("two") == [1, 3]
+        assert versions("latest2") == [2, 3]
+        r = _rest_predict(server, _images(1), path="two/labels/canary")
+        assert r.status_code == 200
+
+
+def test_bad_model_config_file(tmp_path):
+    from copycat_tf.server.model_store import parse_model_config_file
+
+    config = tmp_path / "models.config"
+    config.write_text("model_config_list { config { name: 'x' base_pat: '/x' } }")
+    with pytest.raises(ValueError, match="not a ModelServerConfig text proto"):
+        parse_model_config_file(str(config))
+
+
+def test_api_keys(tmp_path, tiny_export):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# keys\nsecret-1\n\nsecret-2\n")
+    from copycat_tf.server.core import parse_api_keys_file
+
+    with in_process_server(tiny_export[0], api_keys=parse_api_keys_file(str(keys))) as server:
+        r = _rest_predict(server, _images())
+        assert r.status_code == 401 and "predictions" not in r.text
+        assert "API key" in r.json()["error"]
+        assert _rest_predict(server, _images(), {"X-API-Key": "wrong"}).status_code == 401
+        assert _rest_predict(server, _images(), {"X-API-Key": "secret-1"}).status_code == 200
+        assert (
+            _rest_predict(server, _images(), {"Authorization": "Bearer secret-2"}).status_code
+            == 200
+        )
+        # Status and metadata are protected too: nothing about the model leaks.
+        r = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m/metadata")
+        assert r.status_code == 401 and "signature_def" not in r.text
+
+        target = f"127.0.0.1:{server.grpc_port}"
+        with pytest.raises(grpc.RpcError) as info:
+            _grpc_predict(target, _images())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        resp = _grpc_predict(target, _images(), metadata=[("x-api-key", "secret-1")])
+        assert resp.outputs["scores"].float_val
+
+
+def test_rate_limit(tiny_export):
+    with in_process_server(tiny_export[0], rate_limit_qps=2.0) as server:
+        codes = [_rest_predict(server, _images(1)).status_code for _ in range(8)]
+        assert codes[:2] == [200, 200] and 429 in codes
+        body = _rest_predict(server, _images(1)).json()
+        assert "Rate limit" in body.get("error", "Rate limit")
+        time.sleep(1.1)  # the bucket refills
+        assert _rest_predict(server, _images(1)).status_code == 200
+        target = f"127.0.0.1:{server.grpc_port}"
+        errors = []
+        for _ in range(6):
+            try:
+                _grpc_predict(target, _images(1))
+            except grpc.RpcError as e:
+                errors.append(e.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in errors
+
+
+def test_top1_defense_returns_no_scores(tiny_export):
+    with in_process_server(tiny_export[0], defense=parse_defense("top1")) as server:
+        r = _rest_predict(server, _images(3))
+        assert r.status_code == 200
+        # One output left: TF Serving's row format lists its values without a name.
+        predictions = r.json()["predictions"]
+        assert len(predictions) == 3 and all(isinstance(p, int) for p in predictions)
+        assert "scores" not in r.text
+        resp = _grpc_predict(f"127.0.0.1:{server.grpc_port}", _images(3))
+        assert set(resp.outputs) == {"classes"}
+        meta = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m/metadata").json()
+        sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+        assert set(sig["outputs"]) == {"classes"}
+
+
+@pytest.mark.parametrize("spec", ["topk:1", "round:1", "reverse_sigmoid:0.7,0.5", "gaussian:0.05"])
+def test_score_defenses_over_the_wire(tiny_export, spec):
+    loaded = tf.saved_model.load(tiny_export[1])
+    x = _images(4, seed=5)
+    clean = loaded.signatures["serving_default"](images=tf.constant(x))["scores"].numpy()
+    with in_process_server(tiny_export[0], defense=parse_defense(spec)) as server:
+        predictions = _rest_predict(server, x).json()["predictions"]
+    scores = np.array([p["scores"] for p in predictions])
+    classes = np.array([p["classes"] for p in predictions])
+    np.testing.assert_array_equal(classes, scores.argmax(axis=1))
+    assert not np.allclose(scores, clean, atol=1e-9)
+    if spec == "topk:1":
+        assert ((scores > 0).sum(axis=1) == 1).all()
+        np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-6)
+    elif spec == "round:1":
+        np.testing.assert_allclose(scores, np.round(clean, 1), atol=1e-7)
+    else:
+        np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+        assert (scores >= 0).all()
+
+
+@pytest.mark.parametrize("spec", ["topk:0", "round:x", "reverse_sigmoid:1", "blur", "top1:3"])
+def test_bad_defense_spec(spec):
+    with pytest.raises(ValueError, match="--output_defense"):
+        parse_defense(spec)
+
+
+def test_full_queue_answers_503_and_unavailable(tiny_export):
+    with in_process_server(
+        tiny_export[0], max_enqueued=1, num_batch_threads=1, max_batch_size=1
+    ) as server:
+        big = _images(3000, seed=6)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(lambda _: _rest_predict(server, big).status_code, range(12)))
+        assert 503 in codes and 200 in codes
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            grpc_codes = list(
+                pool.map(lambda _: _grpc_code(f"127.0.0.1:{server.grpc_port}", big), range(12))
+            )
+        assert grpc.StatusCode.UNAVAILABLE in grpc_codes
+        assert _rest_predict(server, _images(1)).status_code == 200
+
+
+def _grpc_code(target, x):
+    try:
+        _grpc_predict(target, x)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_sigterm_drains_in_flight_requests(tiny_export):
+    server = ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m")
+    with server:
+        body = json.dumps({"instances": _images(20000, seed=7).tolist()})  # ~10 MB
+        results = {}
+
+        def call():
+            results["r"] = requests.post(f"{server.rest}/v1/models/m:predict", data=body)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)  # the server is now reading, decoding or running it
+        code, stderr = server.stop()
+        t.join(60)
+    assert results["r"].status_code == 200
+    assert len(results["r"].json()["predictions"]) == 20000
+    assert code == 0
+    assert "access rest POST model=m version=1 batch=20000 status=200" in stderr
+    assert "model server stopped" in stderr
+
+
+def _fuzz_rest(server, rng: random.Random) -> int:
+    paths = [
+        "/v1/models/m:predict",
+        "/v1/models/m",
+        "/v1/models/m/metadata",
+        "/v1/models/%00:predict",
+        "/v1/models/m/versions/1:predict",
+        "/v1/x",
+        "/v1/models/m/labels/%ZZ:predict",
+        "/" + "a" * 3000,
+    ]
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"instances": null}',
+        b'{"instances": [null]}',
+        b'{"instances": [[[[300]]]]}',
+        b'{"inputs": {"images": "x"}}',
+        b"\xff\xfe\x00",
+        b'{"instances": [' + b"[" * 500 + b"]" * 500 + b"]}",
+        b'{"signature_name": "serving_bytes", "instances": [{"b64": "AAAA"}]}',
+        b'{"instances": [{"b64": "AAAA", "x": 1}]}',
+        b'{"instances": NaN}',
+        bytes(rng.getrandbits(8) for _ in range(200)),
+    ]
+    method = rng.choice(["POST", "GET", "PUT", "DELETE"])
+    body = rng.choice(bodies)
+    if rng.random() < 0.3:
+        body = body[: rng.randrange(len(body) + 1)]
+    r = requests.request(method, server.rest + rng.choice(paths), data=body, timeout=30)
+    assert r.status_code in (200, 400, 404, 413, 500, 501) or r.status_code >= 400
+    return r.status_code
+
+
+def _fuzz_grpc(stub, rng: random.Random) -> None:
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = rng.choice(["m", "", "nope"])
+    proto = req.inputs[rng.choice(["images", "image_bytes", "zzz"])]
+    proto.dtype = rng.choice([0, 1, 3, 4, 7, 9, 19, 99])
+    for _ in range(rng.randrange(6)):
+        proto.tensor_shape.dim.add().size = rng.choice([-1, 0, 1, 16, 3, 2**40])
+    if rng.random() < 0.5:
+        proto.tensor_content = bytes(rng.getrandbits(8) for _ in range(rng.randrange(600)))
+    else:
+        proto.string_val.append(b"\x89PNG garbage")
+    with pytest.raises(grpc.RpcError):
+        stub.Predict(req, 30)
+
+
+def _garbage_on_grpc_port(port: int, rng: random.Random) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 2000))))
+        s.settimeout(2)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            s.recv(1024)
+
+
+def test_fuzz_both_apis_then_still_correct(tiny_export):
+    rng = random.Random(1234)
+    loaded = tf.saved_model.load(tiny_export[1])
+    x = _images(2, seed=8)
+    expected = loaded.signatures["serving_default"](images=tf.constant(x))
+    with ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m") as server:
+        for _ in range(20):  # warm up so RSS measures growth, not first-use allocation
+            _rest_predict(server, x)
+        rss_before = server.rss_kb()
+        with grpc.insecure_channel(server.grpc_target, options=OPTIONS) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for i in range(400):
+                kind = i % 4
+                if kind in (0, 1):
+                    _fuzz_rest(server, rng)
+                elif kind == 2:
+                    _fuzz_grpc(stub, rng)
+                else:
+                    _garbage_on_grpc_port(server.grpc_port, rng)
+        rss_after = server.rss_kb()
+        # Good requests still get correct answers over both APIs.
+        r = _rest_predict(server, x)
+        np.testing.assert_array_equal(
+            np.array([p["scores"] for p in r.json()["predictions"]], np.float32),
+            expected["scores"].numpy(),
+        )
+        resp = _grpc_predict(server.grpc_target, x)
+        np.testing.assert_array_equal(
+            tf.make_ndarray(resp.outputs["classes"]), expected["classes"].numpy()
+        )
+        b64 = base64.b64encode(tf.io.encode_png(x[0]).numpy()).decode()
+        r = requests.post(
+            f"{server.rest}/v1/models/m:predict",
+            json={"signature_name": "serving_bytes", "instances": [{"b64": b64}]},
+        )
+        assert r.status_code == 200
+        assert server.proc.poll() is None
+    assert rss_after - rss_before < 150_000, (rss_before, rss_after)  # KiB
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        ([], "nothing to serve"),
+        (["--model_base_path=/tmp/x", "--output_defense=blur"], "--output_defense='blur'"),
+        (["--model_config_file=/nonexistent/models.config"], "cannot be read"),
+        (["--model_base_path=/tmp/x", "--api_keys_file=/nonexistent"], "--api_keys_file"),
+        (["--model_base_path=/tmp/x", "--port=9000", "--rest_api_port=9000"], "must differ"),
+    ],
+)
+def test_model_server_bad_flags(flags, fragment):
+    from cli_util import error_lines, run_verb
+
+    proc = run_verb("model_server", *flags, timeout=120)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_model_server_port_in_use(tiny_export):
+    from cli_util import error_lines, run_verb
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_verb(
+            "model_server",
+            f"--model_base_path={tiny_export[0]}",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            timeout=120,
+        )
+    assert proc.returncode != 0
+    assert f"cannot bind gRPC port 127.0.0.1:{port}" in error_lines(proc)[-1]
