@@ -93,6 +93,15 @@ flags.DEFINE_string(
     "none | top1 | topk:K | round:D | "
     "reverse_sigmoid:BETA,GAMMA | gaussian:SIGMA, applied to the scores.",
 )
+# Chaos: a flaky, slow API to test an attack's retries and durability against.
+flags.DEFINE_float(
+    "inject_failure_rate",
+    0.0,
+    "Fraction of predictions answered UNAVAILABLE / 503 at random.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
+flags.DEFINE_integer("inject_latency_ms", 0, "Latency added to every prediction.", lower_bound=0)
 FLAGS = flags.FLAGS
 
 

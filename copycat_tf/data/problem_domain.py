@@ -43,7 +43,7 @@ _FASHION_MNIST_FILES = {
 }
 # Extensions tf.io.decode_image reads, and the leading bytes that identify each format.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 # Fraction of a dataset without its own validation/test split that is held out for each.
 HOLDOUT_FRACTION = 0.1
 
@@ -284,7 +284,8 @@ def _load_fashion_mnist(data_dir: str | None, seed: int) -> ProblemDomain:
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _tfds_builder(name: str, data_dir: str | None):
+def tfds_builder(name: str, data_dir: str | None):
+    """The TFDS builder of a prepared dataset (registered or found on disk)."""
     import tensorflow_datasets as tfds
 
     try:
@@ -370,19 +371,19 @@ def _domain_from_tfds_builder(builder, image_size: tuple[int, int] | None) -> Pr
 def _load_tfds(
     name: str, data_dir: str | None, image_size: tuple[int, int] | None
 ) -> ProblemDomain:
-    return _domain_from_tfds_builder(_tfds_builder(name, data_dir), image_size)
+    return _domain_from_tfds_builder(tfds_builder(name, data_dir), image_size)
 
 
 # ----------------------------------------------------------------------------- folders
 
 
-def list_images(root: str) -> list[str]:
-    """All files under `root` (recursive, sorted) with an image extension TF decodes."""
+def list_images(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """All files under `root` (recursive, sorted) with one of `extensions`."""
     found = []
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
         for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(extensions):
                 found.append(os.path.join(dirpath, f))
     return found
 

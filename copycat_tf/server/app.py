@@ -39,6 +39,8 @@ class ServerConfig:
       defense: output defence applied to every answer.
       drain_seconds: how long a shutdown waits for requests in flight.
       cors: add TF Serving's CORS headers.
+      inject_failure_rate: fraction of predictions answered UNAVAILABLE / 503 (chaos).
+      inject_latency_s: latency added to every prediction (chaos).
     """
 
     models: list[ModelConfig]
@@ -58,6 +60,8 @@ class ServerConfig:
     defense: OutputDefense = dataclasses.field(default_factory=OutputDefense)
     drain_seconds: float = 10.0
     cors: bool = False
+    inject_failure_rate: float = 0.0
+    inject_latency_s: float = 0.0
 
 
 class ModelServer:
@@ -78,6 +82,8 @@ class ModelServer:
             Gatekeeper(config.api_keys, config.rate_limit_qps),
             config.defense,
             config.request_timeout_s,
+            inject_failure_rate=config.inject_failure_rate,
+            inject_latency_s=config.inject_latency_s,
         )
         self._grpc = None
         self._rest: RestServer | None = None
@@ -241,4 +247,6 @@ def server_config_from_flags(values) -> ServerConfig:
         defense=defense,
         drain_seconds=values.drain_seconds,
         cors=values.rest_api_enable_cors_support,
+        inject_failure_rate=values.inject_failure_rate,
+        inject_latency_s=values.inject_latency_ms / 1000.0,
     )

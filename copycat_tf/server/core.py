@@ -86,10 +86,24 @@ class ServingCore:
     defense: OutputDefense
     request_timeout_s: float = 30.0
     seed: int = 0
+    inject_failure_rate: float = 0.0
+    inject_latency_s: float = 0.0
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
         self._rng_lock = threading.Lock()
+
+    def _inject_faults(self) -> None:
+        """Chaos options: added latency and transient failures (a flaky cloud API)."""
+        if self.inject_latency_s:
+            time.sleep(self.inject_latency_s)
+        if self.inject_failure_rate:
+            with self._rng_lock:
+                fail = self._rng.random() < self.inject_failure_rate
+            if fail:
+                raise ServingError(
+                    grpc.StatusCode.UNAVAILABLE, "Injected failure (--inject_failure_rate)"
+                )
 
     def visible_outputs(self, signature: SignatureInfo) -> list[str]:
         """Output aliases a client may see (a top-1 defence hides the scores)."""
@@ -133,6 +147,7 @@ class ServingCore:
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Checks input dtypes and shapes, runs the model (batched), applies the defence."""
+        self._inject_faults()
         for i, (alias, spec) in enumerate(signature.inputs.items()):
             value = inputs[alias]
             got = tf.string if value.dtype == object else tf.as_dtype(value.dtype)

@@ -1,0 +1,176 @@
+"""Query a black-box target with non-problem-domain images; write the fake dataset.
+
+  python -m copycat_tf.steal --flagfile=experiments/fashion_mnist/steal_npd.flags
+
+Writes <output_dir>/fake-NNNNN-of-MMMMM.tfrecord shards, manifest.json, and TensorBoard
+summaries under <output_dir>/tensorboard. Every answer is journaled the moment it arrives:
+re-running the same command after a kill or an error continues where it stopped and
+never pays for a query twice. --query_budget is a hard cap on images answered.
+"""
+
+import os
+
+from absl import flags
+
+from copycat_tf import cli
+from copycat_tf.attack.harvest import HarvestConfig, format_summary, harvest
+from copycat_tf.errors import UserInputError
+
+flags.DEFINE_string(
+    "target",
+    None,
+    "Target URL: grpc://host:port/<model>[/versions/N|"
+    "/labels/L], http(s)://host:port/v1/models/<model>, savedmodel:<dir>, "
+    "or json+http(s)://host/path (generic JSON API, see --request_template).",
+)
+flags.DEFINE_string(
+    "npd",
+    None,
+    "NPD images: folder:<path>, tfds:<name>[:split], "
+    "synthetic:noise|dead_leaves, or mix:<w>*<spec>|<w>*<spec>.",
+)
+flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Fake dataset directory (resumed when it holds this run; refused when it holds another).",
+)
+flags.DEFINE_integer(
+    "query_budget",
+    None,
+    "Images the target may answer in total; never "
+    "exceeded. Raise it on a re-run to extend a dataset.",
+    lower_bound=1,
+)
+flags.DEFINE_integer("query_batch_size", 64, "Images per request.", lower_bound=1)
+flags.DEFINE_integer("max_in_flight", 4, "Concurrent requests.", lower_bound=1)
+flags.DEFINE_float(
+    "max_qps", 0.0, "Requests per second at most (0: no client-side limit).", lower_bound=0.0
+)
+flags.DEFINE_string(
+    "label_mode",
+    "hard",
+    "hard (top-1 label, the paper's setting), "
+    "topk:K (K best scores kept) or scores (full score vectors).",
+)
+flags.DEFINE_integer("seed", 0, "NPD order, crops and synthetic images.")
+flags.DEFINE_integer("shard_index", 0, "This worker's part of the NPD stream.", lower_bound=0)
+flags.DEFINE_integer("num_shards", 1, "Workers splitting the NPD stream.", lower_bound=1)
+flags.DEFINE_integer(
+    "crops_per_image",
+    1,
+    "NPD items per source image: the full view, then random crops.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "records_per_shard", 10000, "Records per committed TFRecord shard.", lower_bound=1
+)
+flags.DEFINE_float(
+    "request_timeout",
+    30.0,
+    "Seconds before a request counts as failed (and is retried).",
+    lower_bound=0.1,
+)
+flags.DEFINE_integer(
+    "max_retries",
+    8,
+    "Retries of a transiently failing request (backoff with jitter) before the run stops.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "num_classes",
+    0,
+    "The target's class count, for label-only targets whose metadata has no score output.",
+    lower_bound=0,
+)
+flags.DEFINE_string("npd_data_dir", None, "TFDS data dir for tfds: NPD sources.")
+flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
+# Credentials and the generic JSON client.
+flags.DEFINE_string("api_key_env", "", "Environment variable holding the API key.")
+flags.DEFINE_string("api_key_file", "", "File holding the API key (first line).")
+flags.DEFINE_string(
+    "api_key_header",
+    "X-API-Key",
+    "Header carrying the key (JSON client; TF Serving clients send x-api-key).",
+)
+flags.DEFINE_string(
+    "request_template",
+    "",
+    'JSON client: request body with "{{image_b64}}" '
+    '(one image per request) or "{{images_b64}}" (a batch); empty = raw PNG.',
+)
+flags.DEFINE_string(
+    "response_field",
+    "",
+    "JSON client: dotted path to the labels or scores "
+    "in the answer, * for list elements, e.g. predictions.*.label.",
+)
+flags.DEFINE_string("input_shape", "", "JSON client: HxWxC the API takes, e.g. 224x224x3.")
+flags.DEFINE_list("class_names", [], "JSON client: the API's class names, in label order.")
+FLAGS = flags.FLAGS
+
+
+def _api_key() -> str | None:
+    if FLAGS.api_key_env:
+        value = os.environ.get(FLAGS.api_key_env)
+        if not value:
+            raise UserInputError(f"--api_key_env={FLAGS.api_key_env}: variable unset or empty")
+        return value
+    if FLAGS.api_key_file:
+        try:
+            with open(FLAGS.api_key_file) as f:
+                return f.readline().strip()
+        except OSError as e:
+            raise UserInputError(f"--api_key_file {FLAGS.api_key_file}: {e}") from e
+    return None
+
+
+def _input_shape():
+    if not FLAGS.input_shape:
+        return None
+    try:
+        shape = tuple(int(d) for d in FLAGS.input_shape.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserInputError(f"--input_shape={FLAGS.input_shape!r}; expected HxWxC, e.g. 28x28x1")
+    return shape
+
+
+def main(argv):
+    del argv
+    manifest = harvest(
+        HarvestConfig(
+            target=FLAGS.target,
+            npd=FLAGS.npd,
+            output_dir=FLAGS.output_dir,
+            query_budget=FLAGS.query_budget,
+            query_batch_size=FLAGS.query_batch_size,
+            max_in_flight=FLAGS.max_in_flight,
+            max_qps=FLAGS.max_qps,
+            label_mode=FLAGS.label_mode,
+            seed=FLAGS.seed,
+            shard_index=FLAGS.shard_index,
+            num_shards=FLAGS.num_shards,
+            crops_per_image=FLAGS.crops_per_image,
+            records_per_shard=FLAGS.records_per_shard,
+            timeout_s=FLAGS.request_timeout,
+            max_retries=FLAGS.max_retries,
+            num_classes=FLAGS.num_classes,
+            npd_data_dir=FLAGS.npd_data_dir,
+            progress=FLAGS.progress,
+            target_options={
+                "api_key": _api_key(),
+                "api_key_header": FLAGS.api_key_header,
+                "request_template": FLAGS.request_template,
+                "response_field": FLAGS.response_field,
+                "input_shape": _input_shape(),
+                "num_classes": FLAGS.num_classes or None,
+                "class_names": FLAGS.class_names,
+            },
+        )
+    )
+    print(format_summary(manifest, FLAGS.output_dir))
+
+
+if __name__ == "__main__":
+    cli.run(main, required=("target", "npd", "output_dir", "query_budget"))

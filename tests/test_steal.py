@@ -1,0 +1,252 @@
+"""steal end to end against the embedded model server over real localhost sockets."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from cli_util import error_lines, run_verb
+from server_util import ServerProcess
+from tensorboard.backend.event_processing import event_accumulator
+
+from copycat_tf.attack.harvest import HarvestConfig, harvest
+from copycat_tf.data import fake_dataset as fd
+from copycat_tf.data.images import decode_png
+from copycat_tf.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export):
+    with ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m") as s:
+        yield s
+
+
+def steal(output_dir, target, budget=90, **overrides):
+    config = HarvestConfig(
+        target=target,
+        npd=overrides.pop("npd", "synthetic:dead_leaves"),
+        output_dir=str(output_dir),
+        query_budget=budget,
+        query_batch_size=overrides.pop("query_batch_size", 16),
+        records_per_shard=overrides.pop("records_per_shard", 32),
+        progress=False,
+        **overrides,
+    )
+    return harvest(config)
+
+
+def layout(directory):
+    """Everything that must match between two runs: shards and every record."""
+    manifest = fd.read_manifest(str(directory))
+    shards = [
+        (s["file"], s["records"], s["first_index"], s["last_index"]) for s in manifest["shards"]
+    ]
+    records = [
+        (
+            r["query_index"],
+            r["label"],
+            r["image_png"],
+            r["source_id"],
+            None if "scores" not in r else r["scores"].tobytes(),
+        )
+        for r in fd.read_records(str(directory))
+    ]
+    return shards, records
+
+
+def test_grpc_rest_and_in_process_steal_the_same_dataset(server, tiny_export, tmp_path):
+    grpc_m = steal(tmp_path / "grpc", f"grpc://{server.grpc_target}/m")
+    rest_m = steal(tmp_path / "rest", f"{server.rest}/v1/models/m")
+    local_m = steal(tmp_path / "local", f"savedmodel:{tiny_export[1]}")
+    for m in (grpc_m, rest_m, local_m):
+        assert m["status"] == "complete" and m["records"] == 90 and m["queries_spent"] == 90
+        assert [s["records"] for s in m["shards"]] == [32, 32, 26]
+        assert sum(m["label_histogram"]) == 90
+    assert rest_m["target_details"]["encoding"] == "b64_png"
+    reference = layout(tmp_path / "local")
+    assert layout(tmp_path / "grpc") == reference
+    assert layout(tmp_path / "rest") == reference
+    # The stored PNG is exactly what was sent; the label is what the target answers for it.
+    loaded = tf.saved_model.load(tiny_export[1])
+    records = fd.read_records(str(tmp_path / "grpc"))
+    images = np.stack([decode_png(r["image_png"]) for r in records])
+    assert images.shape == (90, 16, 16, 1)
+    labels = loaded.signatures["serving_default"](images=tf.constant(images))["classes"]
+    np.testing.assert_array_equal(labels.numpy(), [r["label"] for r in records])
+    assert [r["query_index"] for r in records] == list(range(90))
+    assert not os.path.exists(tmp_path / "grpc" / "journal")  # finished: nothing pending
+
+
+def test_label_modes(server, tmp_path):
+    target = f"grpc://{server.grpc_target}/m"
+    steal(tmp_path / "h", target, 20)
+    assert all("scores" not in r for r in fd.read_records(str(tmp_path / "h")))
+    steal(tmp_path / "s", target, 20, label_mode="scores")
+    for r in fd.read_records(str(tmp_path / "s")):
+        assert r["scores"].shape == (3,) and abs(r["scores"].sum() - 1) < 1e-5
+        assert r["scores"].argmax() == r["label"]
+    steal(tmp_path / "k", target, 20, label_mode="topk:1")
+    for r in fd.read_records(str(tmp_path / "k")):
+        assert (r["scores"] > 0).sum() == 1 and r["scores"][r["label"]] == 1.0
+    with pytest.raises(UserInputError, match="--label_mode"):
+        steal(tmp_path / "x", target, 20, label_mode="soft")
+
+
+def test_label_only_target(tiny_export, tmp_path):
+    with ServerProcess(
+        f"--model_base_path={tiny_export[0]}", "--model_name=m", "--output_defense=top1"
+    ) as s:
+        target = f"grpc://{s.grpc_target}/m"
+        with pytest.raises(UserInputError, match="answers labels only"):
+            steal(tmp_path / "a", target, 20, label_mode="scores")
+        with pytest.raises(UserInputError, match="--num_classes"):
+            steal(tmp_path / "b", target, 20)
+        m = steal(tmp_path / "c", target, 20, num_classes=3)
+        assert m["records"] == 20 and all(
+            "scores" not in r for r in fd.read_records(str(tmp_path / "c"))
+        )
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_exact_budget_and_extension(server, tmp_path):
+    target = f"grpc://{server.grpc_target}/m"
+    m = steal(tmp_path / "d", target, budget=37, query_batch_size=16, max_in_flight=3)
+    assert m["records"] == 37 and m["queries_spent"] == 37 and m["requests"] == 3
+    # A larger budget on a re-run extends the same dataset, continuing the NPD stream.
+    m = steal(tmp_path / "d", target, budget=50, query_batch_size=16)
+    assert m["records"] == 50 and m["queries_spent"] == 50
+    indices = [r["query_index"] for r in fd.read_records(str(tmp_path / "d"))]
+    assert indices == list(range(50))
+    # The same budget again spends nothing more.
+    m = steal(tmp_path / "d", target, budget=50)
+    assert m["queries_spent"] == 50 and m["requests"] == 4
+
+
+def test_corrupt_npd_files_are_skipped_and_listed(server, tmp_path):
+    folder = tmp_path / "npd"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+        (folder / f"ok{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    (folder / "sub" / "photo.jpg").write_bytes(
+        tf.io.encode_jpeg(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).numpy()
+    )
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "sub" / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    m = steal(
+        tmp_path / "f",
+        f"grpc://{server.grpc_target}/m",
+        budget=100,
+        npd=f"folder:{folder}",
+        crops_per_image=2,
+    )
+    assert m["status"] == "exhausted"
+    assert m["records"] == 7 * 2 and m["skipped"]["count"] == 2 * 2
+    skipped = {e["source_id"].split("#")[0] for e in m["skipped"]["examples"]}
+    assert skipped == {"broken.png", os.path.join("sub", "empty.jpg")}
+    sources = {r["source_id"] for r in fd.read_records(str(tmp_path / "f"))}
+    assert os.path.join("sub", "photo.jpg#crop1") in sources
+
+
+def test_workers_split_the_stream(server, tmp_path):
+    target = f"grpc://{server.grpc_target}/m"
+    steal(tmp_path / "all", target, budget=40)
+    steal(tmp_path / "w0", target, budget=20, shard_index=0, num_shards=2)
+    steal(tmp_path / "w1", target, budget=20, shard_index=1, num_shards=2)
+    whole = {r["query_index"]: r["label"] for r in fd.read_records(str(tmp_path / "all"))}
+    parts = {}
+    for w in ("w0", "w1"):
+        for r in fd.read_records(str(tmp_path / w)):
+            assert r["query_index"] not in parts
+            parts[r["query_index"]] = r["label"]
+    assert parts == whole
+
+
+def test_tensorboard_summaries(server, tmp_path):
+    steal(tmp_path / "t", f"grpc://{server.grpc_target}/m", budget=40)
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "t" / "tensorboard" / "harvest"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    assert {
+        "harvest/queries_spent",
+        "harvest/images_per_second",
+        "harvest/stolen_labels",
+        "harvest/npd_samples",
+    } <= set(acc.Tags()["tensors"])
+
+
+def test_steal_cli_end_to_end(server, tmp_path):
+    out = tmp_path / "cli"
+    flagfile = tmp_path / "steal.flags"
+    flagfile.write_text(
+        f"--target=grpc://{server.grpc_target}/m\n--npd=synthetic:noise\n"
+        f"--output_dir={out}\n--query_budget=50\n--query_batch_size=8\n--records_per_shard=20\n"
+    )
+    proc = run_verb("steal", f"--flagfile={flagfile}")
+    assert proc.returncode == 0, proc.stderr
+    assert "steal complete: 50 records in 3 shard(s), 50/50 queries spent" in proc.stdout
+    assert "oneDNN" not in proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tfrecord")) == [
+        "fake-00000-of-00003.tfrecord",
+        "fake-00001-of-00003.tfrecord",
+        "fake-00002-of-00003.tfrecord",
+    ]
+    assert manifest["target"]["url"] == f"grpc://{server.grpc_target}/m"
+    assert manifest["target"]["input_shape"] == [16, 16, 1]
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--target=ftp://x/m"], "unknown scheme"),
+        (["--target=grpc://127.0.0.1:1/m"], "unreachable"),
+        (["--target=GRPC/nope"], "unknown scheme"),
+        (["--npd=folder:/nonexistent"], "does not exist"),
+        (["--npd=synthetic:clouds"], "NPD generator 'clouds' unknown"),
+        (["--npd=mix:1*synthetic:noise"], "at least two parts"),
+        (["--label_mode=top3"], "--label_mode"),
+    ],
+)
+def test_steal_bad_input(server, tmp_path, flags, fragment):
+    base = [
+        f"--target=grpc://{server.grpc_target}/m",
+        "--npd=synthetic:noise",
+        f"--output_dir={tmp_path / 'out'}",
+        "--query_budget=10",
+    ]
+    proc = run_verb("steal", *base, *flags)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not os.path.exists(tmp_path / "out")  # nothing that could pass for a dataset
+
+
+def test_steal_bad_input_in_process(server, tmp_path):
+    target = f"grpc://{server.grpc_target}/m"
+    with pytest.raises(UserInputError, match="has no model|Servable not found"):
+        steal(tmp_path / "a", f"grpc://{server.grpc_target}/nope")
+    with pytest.raises(UserInputError, match="--query_budget=0"):
+        steal(tmp_path / "a", target, budget=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="holds no image files"):
+        steal(tmp_path / "a", target, npd=f"folder:{tmp_path / 'empty'}")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("junk")
+    with pytest.raises(UserInputError, match="none of its 1 files is a readable image"):
+        steal(tmp_path / "a", target, npd=f"folder:{tmp_path / 'junk'}")
+    assert not os.path.exists(tmp_path / "a")
+    # A directory holding another run's dataset is refused, not mixed.
+    steal(tmp_path / "b", target, budget=10)
+    with pytest.raises(UserInputError, match="another run.*npd"):
+        steal(tmp_path / "b", target, budget=10, npd="synthetic:noise")
+    with pytest.raises(UserInputError, match="another run.*label_mode"):
+        steal(tmp_path / "b", target, budget=10, label_mode="scores")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "thesis.pdf").write_text("precious")
+    with pytest.raises(UserInputError, match="not empty and holds no fake dataset"):
+        steal(tmp_path / "c", target, budget=10)
