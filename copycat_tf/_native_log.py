@@ -35,6 +35,8 @@ def import_tensorflow_quietly() -> None:
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+            # TF's Python INFO lines (SavedModel writing, signature renames) are not ours.
+            tf.get_logger().setLevel("WARNING")
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -47,3 +49,28 @@ def import_tensorflow_quietly() -> None:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+class _LibraryInfoFilter:
+    """Drops INFO records that TensorFlow/Keras modules log through absl (SavedModel
+    writing details and the like); warnings and errors still pass."""
+
+    _PARTS = (f"{os.sep}tensorflow{os.sep}", f"{os.sep}keras{os.sep}", f"{os.sep}tf_keras{os.sep}")
+
+    def filter(self, record) -> bool:
+        import logging
+
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(part in record.pathname for part in self._PARTS)
+
+
+def quiet_library_info() -> None:
+    """Installs the filter on absl's handler (call once the program uses absl logging)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter())

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from copycat_tf._native_log import quiet_library_info
 from copycat_tf.errors import UserInputError
 
 
@@ -26,12 +27,31 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
     return size
 
 
+def read_api_key(env_var: str = "", path: str = "") -> str | None:
+    """An API key from an environment variable or a file's first line (never logged)."""
+    import os
+
+    if env_var:
+        value = os.environ.get(env_var)
+        if not value:
+            raise UserInputError(f"--api_key_env={env_var}: variable unset or empty")
+        return value
+    if path:
+        try:
+            with open(path) as f:
+                return f.readline().strip()
+        except OSError as e:
+            raise UserInputError(f"--api_key_file {path}: {e}") from e
+    return None
+
+
 def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> None:
     """app.run(main) printing user errors as one line and exiting 2 instead of a traceback."""
     for name in required:
         flags.mark_flag_as_required(name)
 
     def wrapped(argv):
+        quiet_library_info()
         try:
             main(argv)
         except (UserInputError, FloatingPointError) as e:

@@ -8,8 +8,6 @@ re-running the same command after a kill or an error continues where it stopped 
 never pays for a query twice. --query_budget is a hard cap on images answered.
 """
 
-import os
-
 from absl import flags
 
 from copycat_tf import cli
@@ -109,21 +107,6 @@ flags.DEFINE_list("class_names", [], "JSON client: the API's class names, in lab
 FLAGS = flags.FLAGS
 
 
-def _api_key() -> str | None:
-    if FLAGS.api_key_env:
-        value = os.environ.get(FLAGS.api_key_env)
-        if not value:
-            raise UserInputError(f"--api_key_env={FLAGS.api_key_env}: variable unset or empty")
-        return value
-    if FLAGS.api_key_file:
-        try:
-            with open(FLAGS.api_key_file) as f:
-                return f.readline().strip()
-        except OSError as e:
-            raise UserInputError(f"--api_key_file {FLAGS.api_key_file}: {e}") from e
-    return None
-
-
 def _input_shape():
     if not FLAGS.input_shape:
         return None
@@ -159,7 +142,7 @@ def main(argv):
             npd_data_dir=FLAGS.npd_data_dir,
             progress=FLAGS.progress,
             target_options={
-                "api_key": _api_key(),
+                "api_key": cli.read_api_key(FLAGS.api_key_env, FLAGS.api_key_file),
                 "api_key_header": FLAGS.api_key_header,
                 "request_template": FLAGS.request_template,
                 "response_field": FLAGS.response_field,

@@ -23,6 +23,7 @@ flags.DEFINE_string(
     "fashion_mnist: folder of the IDX files (default "
     "/usr/share/datasets/fashion-mnist); tfds: the TFDS data dir.",
 )
+flags.DEFINE_string("image_size", "", "Resize images to H or HxW (default: keep).")
 training_flags.define_training_flags(model_name_default="target")
 flags.adopt_module_key_flags(training_flags)  # so --help lists them
 FLAGS = flags.FLAGS

@@ -39,3 +39,56 @@ def image_grid(images: np.ndarray, titles: Sequence[str], columns: int = 8) -> n
             )
             ax.set_title(str(titles[i])[:14], fontsize=7)
     return _figure_to_array(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_matrix_figure(cm, class_names: Sequence[str], title: str):
+    """A confusion matrix (rows: true class, columns: predicted), row-normalised colours."""
+    plt = _pyplot()
+    cm = np.asarray(cm)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    rows = cm.sum(axis=1, keepdims=True)
+    ax.imshow(
+        np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0), cmap="Blues", vmin=0, vmax=1
+    )
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(n), [str(c)[:12] for c in class_names], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [str(c)[:12] for c in class_names], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def per_class_f1_figure(class_names: Sequence[str], series: dict[str, Sequence[float]]):
+    """Grouped bars of per-class F1, one colour per model."""
+    plt = _pyplot()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * n), 3.2))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(n) + i * width - 0.4 + width / 2, values, width, label=name)
+    ax.set_xticks(range(n), [str(c)[:12] for c in class_names], rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.legend(fontsize=7)
+    ax.set_title("per-class F1", fontsize=9)
+    return fig
+
+
+def save_figure(fig, path: str) -> np.ndarray:
+    """Writes a figure as PNG and returns it as an RGB array (for TensorBoard)."""
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return _figure_to_array(fig)

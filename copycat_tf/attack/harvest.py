@@ -21,7 +21,6 @@ import json
 import math
 import os
 import queue
-import random
 import sys
 import threading
 import time
@@ -39,8 +38,8 @@ from copycat_tf.targets.base import (
     Prediction,
     TargetError,
     TransientError,
-    check_prediction,
     open_target,
+    predict_with_retries,
 )
 
 JOURNAL_DIR = "journal"
@@ -342,28 +341,28 @@ class _Harvester:
 
     def _query(self, batch: _Batch) -> Prediction:
         cfg = self.cfg
-        images = np.stack(batch.images)
-        for attempt in range(cfg.max_retries + 1):
+
+        def attempt():
             self.rate.acquire()
             self.stats.requests += 1
-            try:
-                prediction = self.client.predict(images, cfg.timeout_s, encoded=batch.pngs)
-                return check_prediction(
-                    prediction, len(images), self.num_classes, f"target {cfg.target}"
-                )
-            except TransientError as e:
-                self.stats.transient_errors += 1
-                if attempt == cfg.max_retries:
-                    raise PermanentError(
-                        f"{e} (still failing after {cfg.max_retries} retries)"
-                    ) from e
-                self.stats.retries += 1
-                delay = random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt))
-                logging.log_every_n_seconds(
-                    logging.WARNING, "transient error, retrying in %.2fs: %s", 5, delay, e
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+
+        def transient(error):
+            self.stats.transient_errors += 1
+            self.stats.retries += 1
+            logging.log_every_n_seconds(logging.WARNING, "transient error, retrying: %s", 5, error)
+
+        return predict_with_retries(
+            self.client,
+            np.stack(batch.images),
+            self.num_classes,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
+            encoded=batch.pngs,
+            before_attempt=attempt,
+            on_transient=transient,
+        )
 
     def _records(self, batch: _Batch, prediction: Prediction) -> list[tuple[int, int, bytes]]:
         shape = self.spec.input_shape

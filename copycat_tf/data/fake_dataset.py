@@ -11,6 +11,7 @@ only then added to the manifest (itself replaced atomically).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -178,3 +179,188 @@ def read_records(directory: str, verify: bool = True) -> list[dict]:
         for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
             records.append(parse_example(raw))
     return records
+
+
+# ----------------------------------------------------------------------------- reading
+
+BALANCE_MODES = ("none", "replicate", "resample")
+_HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads query indices evenly
+
+
+def holdout_mask(query_index, percent: int):
+    """True for records held out for model selection (numpy or TF, same answer)."""
+    h = (query_index * _HASH_MULTIPLIER) % (2**32)
+    return h % 100 < percent
+
+
+@dataclasses.dataclass
+class FakeData:
+    """One or more fake dataset directories (e.g. one per steal worker), checked.
+
+    Attributes:
+      directories: the steal output directories.
+      paths: committed, verified shard files.
+      input_shape: (H, W, C) of the stored images (the target's input).
+      num_classes: the target's class count.
+      labels, query_indices: every record's stolen label and NPD index (numpy).
+      has_scores: whether records carry score vectors.
+      target: the target identity recorded by steal.
+    """
+
+    directories: list[str]
+    paths: list[str]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    labels: np.ndarray
+    query_indices: np.ndarray
+    has_scores: bool
+    target: dict
+
+    def records(self) -> tf.data.Dataset:
+        """(uint8 image [H, W, C], int64 label, float32 scores [K], int64 query index).
+
+        Shards are read in parallel (interleave); scores are zeros for hard-label data.
+        """
+        h, w, c = self.input_shape
+        k = self.num_classes
+        spec = {
+            IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string),
+            QUERY_INDEX: tf.io.FixedLenFeature([], tf.int64),
+            LABEL_STOLEN: tf.io.FixedLenFeature([], tf.int64),
+            LABEL_SCORES: tf.io.FixedLenFeature([k], tf.float32, default_value=[0.0] * k),
+        }
+
+        def parse(raw):
+            ex = tf.io.parse_single_example(raw, spec)
+            image = tf.io.decode_png(ex[IMAGE_ENCODED], channels=c)
+            image = tf.ensure_shape(image, [h, w, c])
+            return image, ex[LABEL_STOLEN], ex[LABEL_SCORES], ex[QUERY_INDEX]
+
+        files = tf.data.Dataset.from_tensor_slices(self.paths)
+        # Deterministic interleave: the same records in the same order on every run.
+        records = files.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(4, len(self.paths)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:
+    """Opens fake dataset directories, verifying shards against their manifests.
+
+    Raises:
+      UserInputError: a missing/unknown-schema manifest, a missing or corrupt shard, an
+        empty dataset, or directories from different targets or label spaces.
+    """
+    if not directories:
+        raise UserInputError("no fake dataset given; pass --fake_dataset=<steal output dir>")
+    manifests, paths = [], []
+    for directory in directories:
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise UserInputError(
+                f"--fake_dataset {directory} holds no fake dataset ({MANIFEST} missing); "
+                "pass a steal --output_dir"
+            )
+        paths.extend(shard_paths(directory, manifest, verify))
+        manifests.append(manifest)
+    first = manifests[0]
+    for directory, m in zip(directories[1:], manifests[1:], strict=True):
+        if m["target"] != first["target"] or m["label_mode"] != first["label_mode"]:
+            raise UserInputError(
+                f"fake datasets {directories[0]} and {directory} come from different targets "
+                "or label modes; train on one attack's data at a time"
+            )
+    total = sum(m["records"] for m in manifests)
+    if total == 0 or not paths:
+        raise UserInputError(
+            f"fake dataset {', '.join(directories)} has no committed records yet; run steal"
+        )
+    for m, directory in zip(manifests, directories, strict=True):
+        for shard in m["shards"]:
+            if shard["records"] <= 0:
+                raise UserInputError(
+                    f"fake dataset {directory}: shard {shard['file']} is empty in the manifest"
+                )
+    shape = tuple(first["target"]["input_shape"])
+    num_classes = int(first["target"]["num_classes"])
+    data = FakeData(
+        directories=list(directories),
+        paths=paths,
+        input_shape=shape,
+        num_classes=num_classes,
+        labels=np.zeros(0, np.int64),
+        query_indices=np.zeros(0, np.int64),
+        has_scores=first["label_mode"] != "hard",
+        target=first["target"],
+    )
+    labels, indices = [], []
+    spec = {
+        QUERY_INDEX: tf.io.FixedLenFeature([], tf.int64),
+        LABEL_STOLEN: tf.io.FixedLenFeature([], tf.int64),
+    }
+    raw = tf.data.TFRecordDataset(paths).batch(4096)
+    for batch in raw.map(lambda r: tf.io.parse_example(r, spec)):
+        labels.append(batch[LABEL_STOLEN].numpy())
+        indices.append(batch[QUERY_INDEX].numpy())
+    data.labels = np.concatenate(labels)
+    data.query_indices = np.concatenate(indices)
+    if len(data.labels) != total:
+        raise UserInputError(
+            f"fake dataset {', '.join(directories)}: shards hold {len(data.labels)} records, "
+            f"manifests say {total}; re-run steal to repair"
+        )
+    return data
+
+
+def class_targets(counts: np.ndarray, mode: str) -> np.ndarray:
+    """Records per class in one balanced epoch.
+
+    replicate (the 2021 paper): classes under N/C are replicated up to N/C, the others
+    kept; resample: every present class exactly N/C; none: as stolen. N is the number of
+    records, C the number of classes with at least one record.
+    """
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"unknown balance {mode!r}; valid: {', '.join(BALANCE_MODES)}")
+    counts = np.asarray(counts, np.int64)
+    present = counts > 0
+    if mode == "none" or not present.any():
+        return counts.copy()
+    share = int(counts.sum() // present.sum())
+    if mode == "replicate":
+        return np.where(present, np.maximum(counts, share), 0)
+    return np.where(present, share, 0)
+
+
+def balanced(
+    ds: tf.data.Dataset, counts: np.ndarray, mode: str, seed: int = 0
+) -> tuple[tf.data.Dataset, np.ndarray]:
+    """Re-weights a (image, label, ...) dataset so each epoch has `class_targets` records.
+
+    Each class is read from its own (cycled, shuffled) stream and drawn in a shuffled
+    order with exact per-class counts, so a replicated minority class shows each of its
+    images about equally often. Returns (dataset of one epoch, records per class).
+    """
+    targets = class_targets(counts, mode)
+    if mode == "none":
+        return ds, targets
+    # One cached stream per class: after the first epoch a minority class is read from
+    # its own small cache instead of by filtering the whole dataset again and again.
+    streams = [
+        ds.filter(lambda *e, c=c: tf.equal(e[1], c))
+        .cache()
+        .shuffle(max(int(counts[c]), 1), seed=seed + c, reshuffle_each_iteration=True)
+        .repeat()
+        for c in range(len(counts))
+    ]
+    choice = np.repeat(np.arange(len(counts), dtype=np.int64), targets)
+
+    def epoch_order(_):
+        return tf.data.Dataset.from_tensor_slices(tf.random.shuffle(choice, seed=seed))
+
+    # A new shuffled class order every epoch (the choice dataset is re-made per iteration).
+    order = tf.data.Dataset.range(1).flat_map(epoch_order)
+    epoch = tf.data.Dataset.choose_from_datasets(streams, order)
+    return epoch.apply(tf.data.experimental.assert_cardinality(int(targets.sum()))), targets

@@ -5,6 +5,9 @@ One spec string selects a source (see `parse_npd_spec`):
   folder:<path>                 every image under <path> (recursive); PNG, JPEG, GIF, BMP,
                                 WebP, ... Unreadable files are skipped and counted.
   tfds:<name>[:<split>]         a prepared TFDS dataset (labels dropped), split default train
+  pd:<problem-domain spec>      problem-domain images, labels dropped (e.g.
+                                pd:fashion_mnist:train), for the NPD+PD fine-tuning data:
+                                the target labels them, ground truth is never read
   synthetic:noise               uniform noise, needs no data
   synthetic:dead_leaves         occluding disks and squares of random grey levels or colours
                                 with power-law sizes (the "dead leaves" model), no data
@@ -179,6 +182,39 @@ class _Tfds:
         return NpdItem(-1, images.crop_and_resize(image, shape, _crop_box(rng, crop)), source_id)
 
 
+class _ProblemDomain:
+    """Images of a problem-domain split (data.problem_domain), read in order, labels dropped."""
+
+    finite = True
+
+    def __init__(self, spec: str, data_dir: str | None):
+        from copycat_tf.data import problem_domain
+
+        parsed = problem_domain.parse_pd_spec(spec)
+        domain = problem_domain.load_problem_domain(parsed, data_dir=data_dir)
+        self.split = parsed.split or "train"
+        self.dataset = domain.split(self.split).map(lambda x, y: x)
+        self.spec = spec
+        self.length = int(domain.sizes[self.split])
+        self._iterator = None
+        self._position = 0
+
+    def item(self, local: int, shape, rng: np.random.Generator, crop: int) -> NpdItem:
+        if self._iterator is None or local < self._position:
+            self._iterator = self.dataset.skip(local).as_numpy_iterator()
+            self._position = local
+        while self._position < local:
+            next(self._iterator)
+            self._position += 1
+        self._position += 1
+        array = next(self._iterator)
+        source_id = f"pd:{self.spec}:{local}"
+        if crop == 0 and array.shape == tuple(shape):
+            return NpdItem(-1, array, source_id)  # exactly the PD pixels
+        image = images.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        return NpdItem(-1, images.crop_and_resize(image, shape, _crop_box(rng, crop)), source_id)
+
+
 def _crop_box(rng: np.random.Generator, crop: int):
     """None (centred full view) for crop 0, else a random crop of 25-100% of the area."""
     if crop == 0:
@@ -204,9 +240,12 @@ def _parse_single(spec: str, seed: int, data_dir: str | None):
     if sep and kind == "tfds" and rest:
         name, _, split = rest.partition(":")
         return _Tfds(name, split or "train", data_dir)
+    if sep and kind == "pd" and rest:
+        return _ProblemDomain(rest, data_dir)
     raise UserInputError(
         f"NPD spec {spec!r} is not understood; expected folder:<path>, tfds:<name>[:split], "
-        f"synthetic:<{'|'.join(GENERATORS)}> or mix:<w>*<spec>|<w>*<spec>"
+        f"pd:<problem-domain spec>, synthetic:<{'|'.join(GENERATORS)}> or "
+        "mix:<w>*<spec>|<w>*<spec>"
     )
 
 

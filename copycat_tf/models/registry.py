@@ -51,7 +51,9 @@ def small_cnn(input_shape, num_classes, weights=None, dropout=0.3) -> keras.Mode
     x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
     for filters in (32, 64):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
+        # Momentum 0.9, not 0.99: the moving statistics must follow a short fine-tuning
+        # stage (NPD -> PD images) within a few dozen steps.
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
         x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import random
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -96,19 +99,65 @@ def check_prediction(prediction: Prediction, n: int, num_classes: int, where: st
     labels = np.asarray(prediction.labels)
     if labels.shape != (n,):
         raise PermanentError(f"{where} answered labels of shape {labels.shape}, expected ({n},)")
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
+    if n and (labels.min() < 0 or (num_classes and labels.max() >= num_classes)):
         raise PermanentError(
             f"{where} answered labels outside 0..{num_classes - 1}: {sorted(set(labels))[:5]}"
         )
     scores = prediction.scores
     if scores is not None:
         scores = np.asarray(scores, np.float32)
-        if scores.shape != (n, num_classes) or not np.isfinite(scores).all():
+        expected = (n, num_classes or scores.shape[-1])
+        if scores.shape != expected or not np.isfinite(scores).all():
             raise PermanentError(
                 f"{where} answered scores of shape {scores.shape} (or non-finite), expected "
                 f"({n}, {num_classes})"
             )
     return Prediction(labels.astype(np.int64), scores)
+
+
+def predict_with_retries(
+    client: Target,
+    images: np.ndarray,
+    num_classes: int,
+    *,
+    timeout_s: float = 30.0,
+    max_retries: int = 8,
+    backoff_base_s: float = 0.25,
+    backoff_max_s: float = 30.0,
+    encoded: list[bytes] | None = None,
+    before_attempt: Callable[[], None] | None = None,
+    on_transient: Callable[[TransientError], None] | None = None,
+) -> Prediction:
+    """One checked prediction, retrying transient failures with backoff and full jitter.
+
+    Args:
+      client: the target.
+      images: uint8 [N, H, W, C].
+      num_classes: the label space the answer is checked against (0: unknown).
+      timeout_s: per-attempt timeout.
+      max_retries: retries after the first attempt.
+      backoff_base_s, backoff_max_s: the n-th retry waits uniform(0, min(max, base * 2^n)).
+      encoded: PNGs of the images, for clients that send encoded images.
+      before_attempt: called before every attempt (e.g. a rate limiter).
+      on_transient: called with each transient error (e.g. counting).
+
+    Raises:
+      PermanentError: a permanent error, or transient errors beyond max_retries.
+    """
+    where = getattr(client, "url", type(client).__name__)
+    for attempt in range(max_retries + 1):
+        if before_attempt is not None:
+            before_attempt()
+        try:
+            prediction = client.predict(images, timeout_s, encoded=encoded)
+            return check_prediction(prediction, len(images), num_classes, f"target {where}")
+        except TransientError as e:
+            if on_transient is not None:
+                on_transient(e)
+            if attempt == max_retries:
+                raise PermanentError(f"{e} (still failing after {max_retries} retries)") from e
+            time.sleep(random.uniform(0, min(backoff_max_s, backoff_base_s * 2**attempt)))
+    raise AssertionError("unreachable")
 
 
 def open_target(url: str, **options) -> Target:

@@ -32,7 +32,6 @@ def define_training_flags(model_name_default: str) -> None:
     flags.DEFINE_integer(
         "version", None, "Export version; default: the next free number.", lower_bound=1
     )
-    flags.DEFINE_string("image_size", "", "Resize images to H or HxW (default: keep).")
     flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
     flags.DEFINE_float(

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import keras
@@ -33,6 +34,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
 TENSORBOARD_DIR = "tensorboard"
+_PREDICT_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -49,6 +51,10 @@ class TrainConfig:
       shuffle_buffer: examples in the shuffle buffer.
       monitor: eval metric that selects the best epoch ("accuracy" or "macro_f1").
       verbose: Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+      soft_labels: training targets are score vectors (distillation loss: cross-entropy
+        against the target's probabilities) instead of integer labels.
+      cache: keep the decoded training examples in memory (off when the caller's dataset
+        changes between epochs, e.g. class-balanced resampling).
     """
 
     epochs: int = 10
@@ -60,6 +66,8 @@ class TrainConfig:
     shuffle_buffer: int = 10_000
     monitor: str = "accuracy"
     verbose: int = 2
+    soft_labels: bool = False
+    cache: bool = True
 
 
 @dataclasses.dataclass
@@ -83,11 +91,14 @@ class TrainResult:
 
 def predict_logits(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Runs `model` over (x, y) batches; returns (float32 logits [N, K], labels [N])."""
+    step = _PREDICT_STEPS.get(model)
+    if step is None:  # one traced function per model, not one per call
 
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        return tf.cast(model(x, training=False), tf.float32)
+        @tf.function(reduce_retracing=True)
+        def step(x):
+            return tf.cast(model(x, training=False), tf.float32)
 
+        _PREDICT_STEPS[model] = step
     logits, labels = [], []
     for x, y in batches:
         logits.append(step(x).numpy())
@@ -198,7 +209,10 @@ def _write_start_summaries(writers, train_ds, class_names, hparams) -> None:
     from tensorboard.plugins.hparams import api as hp
 
     images, labels = next(iter(train_ds.take(32).batch(32)))
-    titles = [class_names[int(y)] for y in labels.numpy()]
+    labels = labels.numpy()
+    if labels.ndim == 2:  # score vectors
+        labels = labels.argmax(axis=1)
+    titles = [class_names[int(y)] for y in labels]
     grid = viz.image_grid(images.numpy(), titles)
     with writers["train"].as_default():
         tf.summary.image("train/samples", grid[None], step=0)
@@ -224,7 +238,8 @@ def train_classifier(
     Args:
       build_model: returns a new uncompiled Keras model emitting logits; called in the
         strategy's scope.
-      train_ds: unbatched (uint8 image, int label) training examples.
+      train_ds: unbatched (uint8 image, target) training examples; the target is an int
+        label, or a float score vector with config.soft_labels.
       eval_ds: unbatched (uint8 image, int label) examples for per-epoch evaluation and
         best-epoch selection.
       num_train: number of training examples (sets the learning-rate schedule).
@@ -258,12 +273,18 @@ def train_classifier(
         schedule = keras.optimizers.schedules.CosineDecay(
             config.learning_rate, decay_steps=steps_per_epoch * config.epochs, alpha=0.01
         )
+        if config.soft_labels:
+            loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+            accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         model.compile(
             optimizer=keras.optimizers.AdamW(
                 learning_rate=schedule, weight_decay=config.weight_decay
             ),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            loss=loss,
+            metrics=[accuracy],
         )
         model.optimizer.build(model.trainable_variables)
     if state["latest"]:
@@ -279,7 +300,7 @@ def train_classifier(
 
     augmenter = augment.build_augmenter(config.augment, input_shape, seed=config.seed)
     train_batches = pipeline.training_batches(
-        train_ds, config.batch_size, augmenter, config.shuffle_buffer, config.seed
+        train_ds, config.batch_size, augmenter, config.shuffle_buffer, config.seed, config.cache
     )
     eval_batches = pipeline.eval_batches(eval_ds, max(config.batch_size, 256))
     keeper = _EpochKeeper(ckpt_dir, writers, eval_batches, len(class_names), config.monitor, state)

@@ -1,0 +1,291 @@
+"""Train a copycat on a fake dataset (stolen labels), optionally fine-tune on PD data.
+
+Stage 1 ("npd"): the copycat learns the stolen labels of the NPD fake dataset.
+Stage 2 ("finetune", optional, the paper's NPD+PD): it is fine-tuned at a lower learning
+rate on problem-domain images that the *target* labelled (a second `steal` run with
+`--npd=pd:...`); ground-truth labels are never used.
+
+Model selection needs no ground truth: a hold-out slice of each fake dataset (chosen by
+query index) measures agreement with the stolen labels after every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from copycat_tf.data import fake_dataset as fd
+from copycat_tf.errors import UserInputError
+from copycat_tf.models import registry
+from copycat_tf.training import export, trainer
+from copycat_tf.workdir import atomic_write_json, init_workdir
+
+METRICS_FILE = "metrics.json"
+EXPORT_RECORD = "export.json"
+
+
+@dataclasses.dataclass
+class CopycatConfig:
+    """Everything `run_train_copycat` needs.
+
+    Attributes:
+      fake_dataset: steal output directories (several: one per steal worker).
+      model: registry name of the copycat architecture.
+      workdir: the run's directory (stages under npd/ and finetune/; resumes).
+      model_base_path: export root; "" means <workdir>/models.
+      model_name: exported model's name.
+      version: export version; None picks the next free one.
+      balance: "replicate" (2021 paper), "resample" or "none".
+      soft_labels: train on the stored score vectors (needs steal --label_mode=scores or
+        topk:K) instead of the hard labels.
+      holdout_percent: share of each fake dataset held out for model selection.
+      weights: optional local weights file to start from (e.g. ImageNet VGG-16).
+      train: stage-1 hyper-parameters.
+      pd_fake_dataset: steal output directories of target-labelled PD images ([] = no
+        NPD+PD stage).
+      finetune: stage-2 hyper-parameters (lower learning rate).
+      class_names: names shipped with the export (default class_0, class_1, ...).
+    """
+
+    fake_dataset: list[str]
+    model: str
+    workdir: str
+    model_base_path: str = ""
+    model_name: str = "copycat"
+    version: int | None = None
+    balance: str = "replicate"
+    soft_labels: bool = False
+    holdout_percent: int = 5
+    weights: str | None = None
+    train: trainer.TrainConfig = dataclasses.field(default_factory=trainer.TrainConfig)
+    pd_fake_dataset: list[str] = dataclasses.field(default_factory=list)
+    finetune: trainer.TrainConfig = dataclasses.field(
+        default_factory=lambda: trainer.TrainConfig(epochs=5, learning_rate=1e-4)
+    )
+    class_names: list[str] = dataclasses.field(default_factory=list)
+
+
+def _split(data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int):
+    """(train dataset of one balanced epoch, held-out dataset, epoch size, class counts)."""
+    held = fd.holdout_mask(data.query_indices, percent)
+    if held.any():
+        is_held = lambda image, label, scores, index: fd.holdout_mask(index, percent)  # noqa: E731
+    else:  # a tiny dataset: hold out one record so model selection still has data
+        only = int(data.query_indices[0])
+        held = data.query_indices == only
+        is_held = lambda image, label, scores, index: tf.equal(index, only)  # noqa: E731
+    if held.all():
+        raise UserInputError(
+            f"fake dataset {data.directories} is too small to hold records out for model "
+            "selection; steal more queries"
+        )
+    counts = np.bincount(data.labels[~held], minlength=data.num_classes)
+    records = data.records()
+    train = records.filter(lambda *r: tf.logical_not(is_held(*r)))
+    # Decode once: the balanced sampler reads each class many times per epoch.
+    train = train.map(lambda image, label, scores, index: (image, label, scores)).cache()
+    train, targets = fd.balanced(train, counts, balance, seed)
+    if soft:
+        train = train.map(lambda image, label, scores: (image, scores))
+    else:
+        train = train.map(lambda image, label, scores: (image, label))
+    heldout = records.filter(is_held).map(lambda image, label, scores, index: (image, label))
+    return train, heldout, int(targets.sum()), counts, targets, int(held.sum())
+
+
+def _stage(
+    name: str,
+    data: fd.FakeData,
+    cfg: CopycatConfig,
+    config: trainer.TrainConfig,
+    build,
+    strategy,
+    class_names,
+) -> tuple[trainer.TrainResult, dict]:
+    config = dataclasses.replace(config, soft_labels=cfg.soft_labels, cache=False)
+    train, heldout, epoch_size, counts, targets, n_held = _split(
+        data, cfg.holdout_percent, cfg.balance, cfg.soft_labels, config.seed
+    )
+    logging.info(
+        "%s: %d records (%d held out); stolen labels per class %s -> %s per epoch (%s)",
+        name,
+        len(data.labels),
+        n_held,
+        counts.tolist(),
+        targets.tolist(),
+        cfg.balance,
+    )
+    result = trainer.train_classifier(
+        build,
+        train,
+        heldout,
+        num_train=epoch_size,
+        class_names=class_names,
+        input_shape=data.input_shape,
+        workdir=os.path.join(cfg.workdir, name),
+        config=config,
+        strategy=strategy,
+        hparams={
+            "stage": name,
+            "model": cfg.model,
+            "balance": cfg.balance,
+            "soft_labels": cfg.soft_labels,
+            "records": len(data.labels),
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "verbose"},
+        },
+    )
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+    info = {
+        "fake_dataset": data.directories,
+        "records": len(data.labels),
+        "heldout_records": n_held,
+        "stolen_label_counts": counts.tolist(),
+        "balanced_epoch_counts": targets.tolist(),
+        "best_epoch": result.best_epoch,
+        "epochs_done": len(result.history),
+        "heldout_agreement": best["eval/accuracy"],
+        "heldout_macro_f1": best["eval/macro_f1"],
+    }
+    return result, info
+
+
+def _check_dataset(data: fd.FakeData, cfg: CopycatConfig, what: str) -> None:
+    if cfg.soft_labels and not data.has_scores:
+        raise UserInputError(
+            f"--soft_labels needs score vectors, but {what} {data.directories} was stolen "
+            "with --label_mode=hard; drop --soft_labels or steal with --label_mode=scores"
+        )
+    try:
+        registry.build_model(cfg.model, data.input_shape, data.num_classes, cfg.weights)
+    except ValueError as e:
+        raise UserInputError(
+            f"{what} {data.directories} (images {data.input_shape}, {data.num_classes} "
+            f"classes) does not fit --model={cfg.model}: {e}"
+        ) from e
+
+
+def run_train_copycat(
+    cfg: CopycatConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
+) -> dict:
+    """Trains (or resumes) the copycat, writes metrics.json, exports the SavedModel.
+
+    Raises:
+      UserInputError: bad fake dataset (missing, corrupt, unknown schema, incompatible),
+        model, workdir or export directory.
+    """
+    if cfg.model not in registry.MODELS:
+        raise UserInputError(
+            f"unknown --model {cfg.model!r}; valid names: {', '.join(sorted(registry.MODELS))}"
+        )
+    if cfg.balance not in fd.BALANCE_MODES:
+        raise UserInputError(f"--balance={cfg.balance!r}; valid: {', '.join(fd.BALANCE_MODES)}")
+    if not 1 <= cfg.holdout_percent <= 50:
+        raise UserInputError(f"--holdout_percent={cfg.holdout_percent}; expected 1..50")
+    data = fd.load_fake_data(cfg.fake_dataset)
+    _check_dataset(data, cfg, "--fake_dataset")
+    pd_data = None
+    if cfg.pd_fake_dataset:
+        pd_data = fd.load_fake_data(cfg.pd_fake_dataset)
+        if (pd_data.input_shape, pd_data.num_classes) != (data.input_shape, data.num_classes):
+            raise UserInputError(
+                f"--pd_fake_dataset images {pd_data.input_shape} / {pd_data.num_classes} "
+                f"classes differ from --fake_dataset {data.input_shape} / "
+                f"{data.num_classes}: both must come from the same target"
+            )
+        _check_dataset(pd_data, cfg, "--pd_fake_dataset")
+    class_names = cfg.class_names or [f"class_{i}" for i in range(data.num_classes)]
+    if len(class_names) != data.num_classes:
+        raise UserInputError(
+            f"--class_names has {len(class_names)} names; the target has {data.num_classes} classes"
+        )
+    base = cfg.model_base_path or os.path.join(cfg.workdir, "models")
+    identity = {
+        "verb": "train_copycat",
+        "fake_dataset": [os.path.abspath(d) for d in cfg.fake_dataset],
+        "pd_fake_dataset": [os.path.abspath(d) for d in cfg.pd_fake_dataset],
+        "model": cfg.model,
+        "balance": cfg.balance,
+        "soft_labels": cfg.soft_labels,
+        "holdout_percent": cfg.holdout_percent,
+    }
+    init_workdir(cfg.workdir, identity, flags_text)
+
+    def build():
+        return registry.build_model(cfg.model, data.input_shape, data.num_classes, cfg.weights)
+
+    result, npd_info = _stage("npd", data, cfg, cfg.train, build, strategy, class_names)
+    stages = {"npd": npd_info}
+    model = result.model
+    if pd_data is not None:
+        npd_best = os.path.join(cfg.workdir, "npd", trainer.CHECKPOINT_DIR, trainer.BEST_WEIGHTS)
+
+        def build_from_npd():
+            copy = build()
+            copy.load_weights(npd_best)  # the stage-1 copycat's best weights
+            return copy
+
+        result, ft_info = _stage(
+            "finetune", pd_data, cfg, cfg.finetune, build_from_npd, strategy, class_names
+        )
+        stages["finetune"] = ft_info
+        model = result.model
+
+    record_path = os.path.join(cfg.workdir, EXPORT_RECORD)
+    export_dir = None
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            export_dir = json.load(f)["export_dir"]
+        if not os.path.isdir(export_dir):
+            export_dir = None
+    if export_dir is None:
+        export_dir = export.export_classifier(
+            model,
+            class_names,
+            data.input_shape,
+            base,
+            cfg.model_name,
+            cfg.version,
+            description={
+                "role": "copycat",
+                "fake_dataset": identity["fake_dataset"],
+                "pd_fake_dataset": identity["pd_fake_dataset"],
+                "target": data.target,
+                "workdir": cfg.workdir,
+            },
+        )
+        atomic_write_json(record_path, {"export_dir": export_dir})
+    summary = {
+        "model": cfg.model,
+        "balance": cfg.balance,
+        "soft_labels": cfg.soft_labels,
+        "target": data.target,
+        "stages": stages,
+        "export_dir": export_dir,
+        "workdir": cfg.workdir,
+    }
+    atomic_write_json(os.path.join(cfg.workdir, METRICS_FILE), summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The few lines a user wants after train_copycat."""
+    lines = [
+        f"copycat {summary['model']} (balance={summary['balance']}, "
+        f"soft_labels={summary['soft_labels']})"
+    ]
+    for name, info in summary["stages"].items():
+        lines.append(
+            f"  {name:9s} {info['records']} records, best epoch {info['best_epoch']}: "
+            f"held-out agreement with stolen labels {info['heldout_agreement']:.4f}"
+        )
+    lines += [
+        f"  SavedModel     {summary['export_dir']}",
+        f"  metrics        {os.path.join(summary['workdir'], METRICS_FILE)}",
+        f"  TensorBoard    tensorboard --logdir {summary['workdir']}",
+    ]
+    return "\n".join(lines)
