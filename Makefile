@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv data demo target test lint format clean
+.PHONY: venv data demo demo-quick test lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,13 @@ venv: $(STAMP)
 data:
 	bash scripts/setup_data.sh
 
-# The main job: the Fashion-MNIST target, trained and exported as a SavedModel.
+# The main job: steal the Fashion-MNIST target end to end (about 10-15 min on 2 cores).
 demo: venv data
-	$(PY) -m copycat_tf.train_target --flagfile=experiments/fashion_mnist/target.flags
+	$(PY) -m copycat_tf.demo
+
+# A first look in under 3 minutes.
+demo-quick: venv data
+	$(PY) -m copycat_tf.demo --quick
 
 lint: venv
 	$(PY) -m ruff check .

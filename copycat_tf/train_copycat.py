@@ -90,6 +90,7 @@ def main(argv):
                 verbose=FLAGS.verbose,
             ),
             class_names=FLAGS.class_names,
+            max_records=FLAGS.max_records,
         ),
         strategy=strategy,
         flags_text=FLAGS.flags_into_string(),

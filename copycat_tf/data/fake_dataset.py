@@ -215,6 +215,22 @@ class FakeData:
     query_indices: np.ndarray
     has_scores: bool
     target: dict
+    index_limit: int | None = None
+
+    def first(self, n: int) -> FakeData:
+        """The records of the first n queries (by NPD index): a smaller attack's dataset."""
+        if n >= len(self.labels):
+            return self
+        order = np.argsort(self.query_indices, kind="stable")
+        keep = np.zeros(len(order), bool)
+        keep[order[:n]] = True
+        limit = int(self.query_indices[order[n - 1]]) + 1
+        return dataclasses.replace(
+            self,
+            labels=self.labels[keep],
+            query_indices=self.query_indices[keep],
+            index_limit=limit,
+        )
 
     def records(self) -> tf.data.Dataset:
         """(uint8 image [H, W, C], int64 label, float32 scores [K], int64 query index).
@@ -244,7 +260,11 @@ class FakeData:
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        records = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        if self.index_limit is not None:
+            limit = self.index_limit
+            records = records.filter(lambda image, label, scores, index: index < limit)
+        return records
 
 
 def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -37,7 +38,9 @@ def open_image(data: bytes) -> Image.Image:
       ValueError: the bytes are not a readable image.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # oversized images are refused below, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
         if image.width * image.height > MAX_SOURCE_PIXELS:
             raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
         image.load()

@@ -59,6 +59,17 @@ def wait_available(
     raise TimeoutError(f"model {model} not AVAILABLE at {url} after {timeout_s:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies (even by
+    SIGKILL), so a killed demo or test leaves no orphan server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """A model_server child process on free localhost ports; a context manager.
 
@@ -112,7 +123,12 @@ class ServerProcess:
         # would block its logging.
         with open(self._stderr_path, "w") as log:
             self.proc = subprocess.Popen(
-                self.args, cwd=_REPO, env=env, stdout=subprocess.DEVNULL, stderr=log
+                self.args,
+                cwd=_REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         try:
             wait_available(

@@ -50,6 +50,8 @@ class CopycatConfig:
         NPD+PD stage).
       finetune: stage-2 hyper-parameters (lower learning rate).
       class_names: names shipped with the export (default class_0, class_1, ...).
+      max_records: train on the first N queries of the fake dataset only (0: all), e.g.
+        to measure a smaller query budget on one harvested dataset.
     """
 
     fake_dataset: list[str]
@@ -68,6 +70,7 @@ class CopycatConfig:
         default_factory=lambda: trainer.TrainConfig(epochs=5, learning_rate=1e-4)
     )
     class_names: list[str] = dataclasses.field(default_factory=list)
+    max_records: int = 0
 
 
 def _split(data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int):
@@ -187,6 +190,8 @@ def run_train_copycat(
     if not 1 <= cfg.holdout_percent <= 50:
         raise UserInputError(f"--holdout_percent={cfg.holdout_percent}; expected 1..50")
     data = fd.load_fake_data(cfg.fake_dataset)
+    if cfg.max_records:
+        data = data.first(cfg.max_records)
     _check_dataset(data, cfg, "--fake_dataset")
     pd_data = None
     if cfg.pd_fake_dataset:
@@ -212,6 +217,7 @@ def run_train_copycat(
         "balance": cfg.balance,
         "soft_labels": cfg.soft_labels,
         "holdout_percent": cfg.holdout_percent,
+        "max_records": cfg.max_records,
     }
     init_workdir(cfg.workdir, identity, flags_text)
 
