@@ -53,6 +53,13 @@ flags.DEFINE_float(
     "Peak learning rate of the fine-tuning stage (lower than stage 1).",
     lower_bound=0.0,
 )
+flags.DEFINE_integer(
+    "max_records",
+    0,
+    "Use only the first N queries of the fake dataset "
+    "(0: all): the copycat a smaller query budget buys.",
+    lower_bound=0,
+)
 flags.DEFINE_list(
     "class_names", [], "Class names shipped with the export (default class_0, class_1, ...)."
 )

@@ -288,3 +288,12 @@ def test_train_copycat_and_evaluate_cli(attack, tmp_path):
     bad = run_verb("train_copycat", f"--fake_dataset={tmp_path}", f"--workdir={tmp_path / 'd'}")
     assert bad.returncode != 0 and len(error_lines(bad)) == 1
     assert "holds no fake dataset" in bad.stderr
+
+
+def test_first_n_queries_of_a_fake_dataset(attack):
+    data = fd.load_fake_data([attack["npd"]])
+    small = data.first(500)
+    assert len(small.labels) == 500 and small.query_indices.max() == 499
+    indices = sorted(int(r[3]) for r in small.records().as_numpy_iterator())
+    assert indices == list(range(500))
+    assert data.first(10**6) is data

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -29,7 +28,7 @@ import requests
 from copycat_tf.data.images import png_bytes
 from copycat_tf.errors import UserInputError
 from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetSpec, TransientError
-from copycat_tf.targets.tfserving_rest import http_error
+from copycat_tf.targets.tfserving_rest import HttpSessions, http_error
 
 ONE = '"{{image_b64}}"'
 MANY = '"{{images_b64}}"'
@@ -51,7 +50,7 @@ def resolve_field(value, path: str):
     return resolve_field(value[head], rest)
 
 
-class JsonHttpTarget(Target):
+class JsonHttpTarget(HttpSessions, Target):
     """A JSON prediction API described by options instead of metadata."""
 
     OPTIONS = (
@@ -112,8 +111,7 @@ class JsonHttpTarget(Target):
         if api_key:
             self._headers[api_key_header] = api_key
         self._key_header = api_key_header if api_key else None
-        self._local = threading.local()  # one HTTP session per thread
-        self._sessions: list[requests.Session] = []
+        self._init_sessions()
 
     def describe(self) -> TargetSpec:
         return TargetSpec(
@@ -212,14 +210,3 @@ class JsonHttpTarget(Target):
         if all(p[1] is not None for p in parsed):
             scores = np.stack([p[1] for p in parsed])
         return Prediction(labels, scores)
-
-    def _http(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            self._sessions.append(session)
-        return session
-
-    def close(self) -> None:
-        for session in self._sessions:
-            session.close()

@@ -45,18 +45,23 @@ def classify_rpc_error(e: grpc.RpcError, where: str) -> Exception:
 
 
 def signature_io(sig) -> tuple[dict, dict]:
-    """{alias: (tf.DType, shape tuple or None)} of a SignatureDef's inputs and outputs."""
+    """{alias: (tf.DType, shape tuple or None)} of a SignatureDef's inputs and outputs.
 
-    def info(t):
-        shape = None
-        if not t.tensor_shape.unknown_rank:
-            shape = tuple(d.size for d in t.tensor_shape.dim)
-        return tf.as_dtype(t.dtype), shape
+    Tensors of DT_INVALID (TF2's __saved_model_init_op NoOp) are left out.
+    """
 
-    return (
-        {k: info(v) for k, v in sig.inputs.items()},
-        {k: info(v) for k, v in sig.outputs.items()},
-    )
+    def infos(tensors):
+        out = {}
+        for alias, t in tensors.items():
+            if t.dtype == 0:
+                continue
+            shape = None
+            if not t.tensor_shape.unknown_rank:
+                shape = tuple(d.size for d in t.tensor_shape.dim)
+            out[alias] = (tf.as_dtype(t.dtype), shape)
+        return out
+
+    return infos(sig.inputs), infos(sig.outputs)
 
 
 def image_input(url: str, inputs: dict) -> tuple[str, tf.DType, tuple[int, int, int]]:
@@ -75,6 +80,25 @@ def image_input(url: str, inputs: dict) -> tuple[str, tf.DType, tuple[int, int, 
     raise UserInputError(
         f"target {url}: its signature has no image input of shape [N, H, W, C]: {inputs}"
     )
+
+
+def parse_signature(url: str, sigs, name: str):
+    """(image input alias, its dtype, (H, W, C), labels output, scores output, outputs) of
+    signature `name` in a SignatureDefMap.
+
+    Raises:
+      UserInputError: no such signature, no image input, or no class/score output.
+    """
+    if name not in sigs.signature_def:
+        raise UserInputError(
+            f"target {url} has no signature {name!r}; it has {sorted(sigs.signature_def)}"
+        )
+    inputs, outputs = signature_io(sigs.signature_def[name])
+    alias, dtype, shape = image_input(url, inputs)
+    labels_out, scores_out = select_signature_outputs(outputs)
+    if labels_out is None and scores_out is None:
+        raise UserInputError(f"target {url}: no class or score output in {outputs}")
+    return alias, dtype, shape, labels_out, scores_out, outputs
 
 
 class GrpcTarget(Target):
@@ -113,16 +137,9 @@ class GrpcTarget(Target):
             raise classify_rpc_error(e, f"target {self.url} metadata") from e
         sigs = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(sigs)
-        if self.signature not in sigs.signature_def:
-            raise UserInputError(
-                f"target {self.url} has no signature {self.signature!r}; it has "
-                f"{sorted(sigs.signature_def)}"
-            )
-        inputs, outputs = signature_io(sigs.signature_def[self.signature])
-        self._input, self._dtype, shape = image_input(self.url, inputs)
-        self._labels_out, self._scores_out = select_signature_outputs(outputs)
-        if self._labels_out is None and self._scores_out is None:
-            raise UserInputError(f"target {self.url}: no class or score output in {outputs}")
+        self._input, self._dtype, shape, self._labels_out, self._scores_out, outputs = (
+            parse_signature(self.url, sigs, self.signature)
+        )
         num_classes = outputs[self._scores_out][1][1] if self._scores_out else None
         self._spec = TargetSpec(
             url=self.url,

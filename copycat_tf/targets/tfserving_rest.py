@@ -21,9 +21,8 @@ from copycat_tf.targets.base import (
     TargetSpec,
     TransientError,
     parse_model_path,
-    select_signature_outputs,
 )
-from copycat_tf.targets.tfserving_grpc import image_input, signature_io
+from copycat_tf.targets.tfserving_grpc import parse_signature, signature_io
 
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
@@ -59,7 +58,26 @@ def post_json(session, url, body: bytes, timeout_s: float, where: str, headers=N
         raise PermanentError(f"{where}: answer is not JSON: {response.text[:200]}") from e
 
 
-class RestTarget(Target):
+class HttpSessions:
+    """One requests.Session per thread (sessions are not thread-safe), all closed at once."""
+
+    def _init_sessions(self) -> None:
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+
+    def _http(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        for session in self._sessions:
+            session.close()
+
+
+class RestTarget(HttpSessions, Target):
     """http(s)://host:port/v1/models/<model>[/versions/N|/labels/L]."""
 
     OPTIONS = ("signature", "api_key", "use_bytes_signature")
@@ -83,8 +101,7 @@ class RestTarget(Target):
         self.signature = signature
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._use_bytes = use_bytes_signature
-        self._local = threading.local()  # one HTTP session per thread
-        self._sessions: list[requests.Session] = []
+        self._init_sessions()
         self._spec: TargetSpec | None = None
 
     def describe(self) -> TargetSpec:
@@ -103,16 +120,9 @@ class RestTarget(Target):
             )
         except (ValueError, KeyError, json_format.ParseError) as e:
             raise PermanentError(f"{where}: not TF Serving metadata: {e}") from e
-        if self.signature not in sigs.signature_def:
-            raise UserInputError(
-                f"target {self.url} has no signature {self.signature!r}; it has "
-                f"{sorted(sigs.signature_def)}"
-            )
-        inputs, outputs = signature_io(sigs.signature_def[self.signature])
-        self._input, self._dtype, shape = image_input(self.url, inputs)
-        self._labels_out, self._scores_out = select_signature_outputs(outputs)
-        if self._labels_out is None and self._scores_out is None:
-            raise UserInputError(f"target {self.url}: no class or score output in {outputs}")
+        self._input, self._dtype, shape, self._labels_out, self._scores_out, outputs = (
+            parse_signature(self.url, sigs, self.signature)
+        )
         # Encoded PNGs through a `*_bytes` signature are ~10x smaller than pixel JSON.
         self._bytes_sig = self._bytes_input = None
         if self._use_bytes:
@@ -168,17 +178,6 @@ class RestTarget(Target):
         if not isinstance(rows, list) or len(rows) != len(images):
             raise PermanentError(f"target {self.url}: answer has no {len(images)} predictions")
         return _rows_to_prediction(rows, self._labels_out, self._scores_out, self.url)
-
-    def _http(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            self._sessions.append(session)
-        return session
-
-    def close(self) -> None:
-        for session in self._sessions:
-            session.close()
 
 
 def _rows_to_prediction(rows, labels_out, scores_out, url) -> Prediction:

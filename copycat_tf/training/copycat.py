@@ -12,7 +12,6 @@ query index) measures agreement with the stolen labels after every epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -26,7 +25,6 @@ from copycat_tf.training import export, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
 METRICS_FILE = "metrics.json"
-EXPORT_RECORD = "export.json"
 
 
 @dataclasses.dataclass
@@ -219,6 +217,8 @@ def run_train_copycat(
         "holdout_percent": cfg.holdout_percent,
         "max_records": cfg.max_records,
     }
+    if export.previous_export(cfg.workdir) is None:
+        export.check_export_location(base, cfg.model_name, cfg.version)
     init_workdir(cfg.workdir, identity, flags_text)
 
     def build():
@@ -241,15 +241,9 @@ def run_train_copycat(
         stages["finetune"] = ft_info
         model = result.model
 
-    record_path = os.path.join(cfg.workdir, EXPORT_RECORD)
-    export_dir = None
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            export_dir = json.load(f)["export_dir"]
-        if not os.path.isdir(export_dir):
-            export_dir = None
-    if export_dir is None:
-        export_dir = export.export_classifier(
+    export_dir = export.export_once(
+        cfg.workdir,
+        lambda: export.export_classifier(
             model,
             class_names,
             data.input_shape,
@@ -263,8 +257,8 @@ def run_train_copycat(
                 "target": data.target,
                 "workdir": cfg.workdir,
             },
-        )
-        atomic_write_json(record_path, {"export_dir": export_dir})
+        ),
+    )
     summary = {
         "model": cfg.model,
         "balance": cfg.balance,

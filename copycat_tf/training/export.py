@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from copycat_tf.errors import UserInputError
+from copycat_tf.workdir import atomic_write_json
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -29,6 +30,7 @@ OUTPUT_CLASSES = "classes"
 ASSETS_EXTRA = "assets.extra"
 CLASS_NAMES_FILE = "class_names.txt"
 DESCRIPTION_FILE = "copycat_tf.json"
+EXPORT_RECORD = "export.json"  # in a training workdir: the export the run made
 
 
 class _Classifier(tf.Module):
@@ -92,6 +94,53 @@ def next_version(model_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
+def check_export_location(model_base_path: str, model_name: str, version: int | None) -> str:
+    """Fails early when an export could not be written; returns the model directory.
+
+    Raises:
+      UserInputError: the directory cannot be created or written, or the version exists.
+    """
+    model_dir = os.path.join(model_base_path, model_name)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(
+            f"export directory {model_dir} cannot be created ({e}); pass a writable "
+            "--model_base_path"
+        ) from e
+    if not os.access(model_dir, os.W_OK):
+        raise UserInputError(
+            f"export directory {model_dir} is not writable; pass a writable --model_base_path"
+        )
+    if version is not None:
+        if int(version) < 1:
+            raise UserInputError(f"export version {version} is invalid; expected an integer >= 1")
+        final = os.path.join(model_dir, str(version))
+        if os.path.exists(final):
+            raise UserInputError(
+                f"export version {final} already exists; pass another --version, or none "
+                "for the next free number"
+            )
+    return model_dir
+
+
+def previous_export(workdir: str) -> str | None:
+    """The export a finished run in `workdir` made (None when it made none, or it is gone)."""
+    path = os.path.join(workdir, EXPORT_RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        export_dir = json.load(f)["export_dir"]
+    return export_dir if os.path.isdir(export_dir) else None
+
+
+def export_once(workdir: str, make_export) -> str:
+    """Re-running a workdir reuses its export instead of writing another version."""
+    export_dir = previous_export(workdir) or make_export()
+    atomic_write_json(os.path.join(workdir, EXPORT_RECORD), {"export_dir": export_dir})
+    return export_dir
+
+
 def export_classifier(
     model: keras.Model,
     class_names: list[str],
@@ -122,27 +171,9 @@ def export_classifier(
         raise ValueError(
             f"{len(class_names)} class names for a model with {model.output_shape[-1]} outputs"
         )
-    model_dir = os.path.join(model_base_path, model_name)
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as e:
-        raise UserInputError(
-            f"export directory {model_dir} cannot be created ({e}); pass a writable "
-            "--model_base_path"
-        ) from e
-    if not os.access(model_dir, os.W_OK):
-        raise UserInputError(
-            f"export directory {model_dir} is not writable; pass a writable --model_base_path"
-        )
+    model_dir = check_export_location(model_base_path, model_name, version)
     version = next_version(model_dir) if version is None else int(version)
-    if version < 1:
-        raise UserInputError(f"export version {version} is invalid; expected an integer >= 1")
     final = os.path.join(model_dir, str(version))
-    if os.path.exists(final):
-        raise UserInputError(
-            f"export version {final} already exists; pass another --version, or none for "
-            "the next free number"
-        )
     # Hidden, non-numeric name: TF Serving (and our server) never takes it for a version.
     tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import tensorflow as tf
@@ -16,7 +15,6 @@ from copycat_tf.training import export, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
 METRICS_FILE = "metrics.json"
-EXPORT_RECORD = "export.json"
 
 
 @dataclasses.dataclass
@@ -48,27 +46,6 @@ class TargetConfig:
     train: trainer.TrainConfig = dataclasses.field(default_factory=trainer.TrainConfig)
 
 
-def _check_export_target(cfg: TargetConfig, base: str) -> None:
-    """Fails before training when the export could not be written."""
-    model_dir = os.path.join(base, cfg.model_name)
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as e:
-        raise UserInputError(
-            f"export directory {model_dir} cannot be created ({e}); pass a writable "
-            "--model_base_path"
-        ) from e
-    if not os.access(model_dir, os.W_OK):
-        raise UserInputError(
-            f"export directory {model_dir} is not writable; pass a writable --model_base_path"
-        )
-    if cfg.version is not None and os.path.exists(os.path.join(model_dir, str(cfg.version))):
-        raise UserInputError(
-            f"export version {os.path.join(model_dir, str(cfg.version))} already exists; "
-            "pass another --version, or none for the next free number"
-        )
-
-
 def run_train_target(
     cfg: TargetConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
 ) -> dict:
@@ -89,15 +66,8 @@ def run_train_target(
             f"unknown --model {cfg.model!r}; valid names: {', '.join(sorted(registry.MODELS))}"
         )
     base = cfg.model_base_path or os.path.join(cfg.workdir, "models")
-    record_path = os.path.join(cfg.workdir, EXPORT_RECORD)
-    previous_export = None
-    if os.path.exists(record_path):
-        with open(record_path) as f:
-            previous_export = json.load(f)["export_dir"]
-        if not os.path.isdir(previous_export):
-            previous_export = None
-    if previous_export is None:
-        _check_export_target(cfg, base)
+    if export.previous_export(cfg.workdir) is None:
+        export.check_export_location(base, cfg.model_name, cfg.version)
     identity = {
         "verb": "train_target",
         "pd_data": cfg.pd_data,
@@ -151,16 +121,18 @@ def run_train_target(
         tf.summary.scalar("test/accuracy", test["accuracy"], step=result.best_epoch)
         tf.summary.scalar("test/macro_f1", test["macro_f1"], step=result.best_epoch)
 
-    export_dir = previous_export or export.export_classifier(
-        result.model,
-        domain.class_names,
-        domain.input_shape,
-        base,
-        cfg.model_name,
-        version=cfg.version,
-        description={"role": "target", "pd_data": cfg.pd_data, "workdir": cfg.workdir},
+    export_dir = export.export_once(
+        cfg.workdir,
+        lambda: export.export_classifier(
+            result.model,
+            domain.class_names,
+            domain.input_shape,
+            base,
+            cfg.model_name,
+            version=cfg.version,
+            description={"role": "target", "pd_data": cfg.pd_data, "workdir": cfg.workdir},
+        ),
     )
-    atomic_write_json(record_path, {"export_dir": export_dir})
     summary = {
         "pd_data": cfg.pd_data,
         "model": cfg.model,
