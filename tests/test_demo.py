@@ -30,7 +30,7 @@ def test_demo_quick_end_to_end(fashion_dir, tmp_path):
     assert (workdir / "eval" / "confusion_copycat.png").exists()
     manifest = json.loads((workdir / "fake_npd" / "manifest.json").read_text())
     assert manifest["queries_spent"] == 300
-    assert manifest["target"]["url"].startswith("grpc://127.0.0.1:")
+    assert manifest["target_details"]["url"].startswith("grpc://127.0.0.1:")
     # The server it started is gone, and drained cleanly.
     log = (workdir / "model_server.log").read_text()
     assert "model server stopped" in log

@@ -196,7 +196,8 @@ def test_steal_cli_end_to_end(server, tmp_path):
         "fake-00001-of-00003.tfrecord",
         "fake-00002-of-00003.tfrecord",
     ]
-    assert manifest["target"]["url"] == f"grpc://{server.grpc_target}/m"
+    assert manifest["target"]["model"] == "m"
+    assert manifest["target_details"]["url"] == f"grpc://{server.grpc_target}/m"
     assert manifest["target"]["input_shape"] == [16, 16, 1]
 
 
@@ -250,3 +251,14 @@ def test_steal_bad_input_in_process(server, tmp_path):
     (tmp_path / "c" / "thesis.pdf").write_text("precious")
     with pytest.raises(UserInputError, match="not empty and holds no fake dataset"):
         steal(tmp_path / "c", target, budget=10)
+
+
+def test_resume_on_another_port_and_api(server, tiny_export, tmp_path):
+    """The same model reached at another address (or over REST) continues the dataset."""
+    steal(tmp_path / "r", f"grpc://{server.grpc_target}/m", budget=30)
+    with ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m") as other:
+        m = steal(tmp_path / "r", f"{other.rest}/v1/models/m", budget=60)
+    assert m["records"] == 60 and m["target_details"]["transport"] == "rest"
+    steal(tmp_path / "one", f"grpc://{server.grpc_target}/m", budget=60)
+    # Same records (an extended budget closes the first run's last shard early).
+    assert layout(tmp_path / "r")[1] == layout(tmp_path / "one")[1]

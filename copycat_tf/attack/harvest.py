@@ -167,9 +167,11 @@ class _Stats:
 
 
 def _identity(cfg: HarvestConfig, spec, mode: str, num_classes: int) -> dict:
+    # The model, not its address: a resumed run may reach the same model on another port
+    # or over the other API (the URL used is kept in target_details).
     return {
         "target": {
-            "url": cfg.target,
+            "model": spec.details.get("model", cfg.target),
             "input_shape": list(spec.input_shape),
             "num_classes": num_classes,
         },
@@ -257,7 +259,7 @@ class _Harvester:
         return {
             "schema_version": fd.SCHEMA_VERSION,
             **self.identity,
-            "target_details": self.spec.details,
+            "target_details": {"url": self.cfg.target, **self.spec.details},
             "query_budget": self.cfg.query_budget,
             "queries_spent": 0,
             "records": 0,
@@ -279,6 +281,7 @@ class _Harvester:
         if self.manifest is None:
             self.manifest = self._new_manifest()
         self.manifest["query_budget"] = self.cfg.query_budget
+        self.manifest["target_details"] = {"url": self.cfg.target, **self.spec.details}
         watermark = self.manifest["next_index"]
         self.settled: dict[int, tuple[int, bytes]] = {}
         for entry in self.journal.recover():

@@ -121,6 +121,7 @@ class JsonHttpTarget(HttpSessions, Target):
             has_scores=None,  # known only from answers; scores are kept when they come
             details={
                 "transport": "json-http",
+                "model": self._endpoint,
                 "response_field": self._field,
                 "batched": self._batch,
                 "headers": sorted(self._headers),

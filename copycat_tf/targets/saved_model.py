@@ -58,6 +58,7 @@ class SavedModelTarget(Target):
             has_scores=self._scores_out is not None,
             details={
                 "transport": "in-process",
+                "model": os.path.abspath(self.path),
                 "path": os.path.abspath(self.path),
                 "signature": self.signature,
                 "outputs": sorted(outputs),
