@@ -27,6 +27,17 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
     return size
 
 
+def define_api_key_flags() -> None:
+    """--api_key_env / --api_key_file: where the target's API key comes from."""
+    flags.DEFINE_string("api_key_env", "", "Environment variable holding the target's API key.")
+    flags.DEFINE_string("api_key_file", "", "File holding the target's API key (first line).")
+
+
+def api_key_from_flags() -> str | None:
+    """The API key the --api_key_env / --api_key_file flags point at (never logged)."""
+    return read_api_key(flags.FLAGS.api_key_env, flags.FLAGS.api_key_file)
+
+
 def read_api_key(env_var: str = "", path: str = "") -> str | None:
     """An API key from an environment variable or a file's first line (never logged)."""
     import os

@@ -26,8 +26,8 @@ flags.DEFINE_string("out", None, "Report directory.")
 flags.DEFINE_string("data_dir", None, "Data directory of --test_data (IDX folder, TFDS dir).")
 flags.DEFINE_integer("batch_size", 256, "Images per query.", lower_bound=1)
 flags.DEFINE_integer("max_examples", 0, "Use only the first N test images (0: all).", lower_bound=0)
-flags.DEFINE_string("api_key_env", "", "Environment variable holding the target's API key.")
-flags.DEFINE_string("api_key_file", "", "File holding the target's API key.")
+cli.define_api_key_flags()
+flags.adopt_module_key_flags(cli)  # so --help lists them
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +42,7 @@ def main(argv):
             data_dir=FLAGS.data_dir,
             batch_size=FLAGS.batch_size,
             max_examples=FLAGS.max_examples,
-            target_options={"api_key": cli.read_api_key(FLAGS.api_key_env, FLAGS.api_key_file)},
+            target_options={"api_key": cli.api_key_from_flags()},
         )
     )
     print(format_table(report, FLAGS.out))

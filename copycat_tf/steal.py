@@ -83,8 +83,8 @@ flags.DEFINE_integer(
 flags.DEFINE_string("npd_data_dir", None, "TFDS data dir for tfds: NPD sources.")
 flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 # Credentials and the generic JSON client.
-flags.DEFINE_string("api_key_env", "", "Environment variable holding the API key.")
-flags.DEFINE_string("api_key_file", "", "File holding the API key (first line).")
+cli.define_api_key_flags()
+flags.adopt_module_key_flags(cli)  # so --help lists them
 flags.DEFINE_string(
     "api_key_header",
     "X-API-Key",
@@ -142,7 +142,7 @@ def main(argv):
             npd_data_dir=FLAGS.npd_data_dir,
             progress=FLAGS.progress,
             target_options={
-                "api_key": cli.read_api_key(FLAGS.api_key_env, FLAGS.api_key_file),
+                "api_key": cli.api_key_from_flags(),
                 "api_key_header": FLAGS.api_key_header,
                 "request_template": FLAGS.request_template,
                 "response_field": FLAGS.response_field,

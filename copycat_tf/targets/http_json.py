@@ -23,12 +23,11 @@ import json
 from urllib.parse import urlsplit
 
 import numpy as np
-import requests
 
 from copycat_tf.data.images import png_bytes
 from copycat_tf.errors import UserInputError
-from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetSpec, TransientError
-from copycat_tf.targets.tfserving_rest import HttpSessions, http_error
+from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetSpec
+from copycat_tf.targets.tfserving_rest import HttpSessions, post_json
 
 ONE = '"{{image_b64}}"'
 MANY = '"{{images_b64}}"'
@@ -129,22 +128,15 @@ class JsonHttpTarget(HttpSessions, Target):
         )
 
     def _post(self, body: bytes, content_type: str, timeout_s: float):
-        where = f"target {self.url}"
-        try:
-            response = self._http().post(
-                self._endpoint,
-                data=body,
-                timeout=timeout_s,
-                headers={"Content-Type": content_type, **self._headers},
-            )
-        except (requests.ConnectionError, requests.Timeout) as e:
-            raise TransientError(f"{where}: {type(e).__name__}: {e}") from e
-        if response.status_code != 200:
-            raise http_error(response, where)
-        try:
-            return response.json()
-        except ValueError as e:
-            raise PermanentError(f"{where}: answer is not JSON: {response.text[:200]}") from e
+        return post_json(
+            self._http(),
+            self._endpoint,
+            body,
+            timeout_s,
+            f"target {self.url}",
+            self._headers,
+            content_type,
+        )
 
     def _value_to_label(self, value) -> tuple[int, np.ndarray | None]:
         if isinstance(value, bool):

@@ -39,14 +39,22 @@ def http_error(response: requests.Response, where: str) -> Exception:
     return PermanentError(message)
 
 
-def post_json(session, url, body: bytes, timeout_s: float, where: str, headers=None):
-    """POST a JSON body; the parsed answer, or a classified error."""
+def post_json(
+    session,
+    url,
+    body: bytes,
+    timeout_s: float,
+    where: str,
+    headers=None,
+    content_type: str = "application/json",
+):
+    """POST a body; the parsed JSON answer, or a classified (transient/permanent) error."""
     try:
         response = session.post(
             url,
             data=body,
             timeout=timeout_s,
-            headers={"Content-Type": "application/json", **(headers or {})},
+            headers={"Content-Type": content_type, **(headers or {})},
         )
     except (requests.ConnectionError, requests.Timeout) as e:
         raise TransientError(f"{where}: {type(e).__name__}: {e}") from e
