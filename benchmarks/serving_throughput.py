@@ -28,17 +28,14 @@ import threading
 import time
 
 import grpc
-import keras
 import numpy as np
 import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from copycat_tf.models import registry
-from copycat_tf.server.process import ServerProcess
-from copycat_tf.training import export
+from benchmarks.common import SHAPE, export_random_target, machine_line
+from copycat_tf import pipeline
 
-SHAPE = (28, 28, 1)
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -86,9 +83,7 @@ def main() -> None:
     client_counts = [int(c) for c in args.clients.split(",")]
 
     workdir = tempfile.mkdtemp(prefix="bench-serving-")
-    keras.utils.set_random_seed(0)
-    model = registry.build_model("small_cnn", SHAPE, 10)
-    path = export.export_classifier(model, [str(i) for i in range(10)], SHAPE, workdir, "target")
+    path = export_random_target(workdir)
     loaded = tf.saved_model.load(path)
     rng = np.random.default_rng(0)
     data = {b: rng.integers(0, 256, (b, *SHAPE), dtype=np.uint8) for b in batches}
@@ -97,13 +92,8 @@ def main() -> None:
         for b in batches
     }
 
-    server = ServerProcess(
-        f"--model_base_path={os.path.join(workdir, 'target')}",
-        "--model_name=target",
-        model="target",
-    ).start()
     rows = []
-    try:
+    with pipeline.served(workdir, "target", os.path.join(workdir, "server.log")) as server:
         for batch in batches:
             for clients in client_counts:
                 x = data[batch]
@@ -114,7 +104,7 @@ def main() -> None:
                     return lambda: fn(images=tensor)["scores"].numpy()
 
                 def grpc_call(x=x):
-                    channel = grpc.insecure_channel(server.grpc_target, options=OPTIONS)
+                    channel = grpc.insecure_channel(server.grpc_address, options=OPTIONS)
                     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
                     req = predict_pb2.PredictRequest()
                     req.model_spec.name = "target"
@@ -124,7 +114,7 @@ def main() -> None:
                 def rest_call(body):
                     def make_session_call():
                         session = requests.Session()
-                        url = f"{server.rest}/v1/models/target:predict"
+                        url = f"{server.rest_url}:predict"
                         return lambda: session.post(url, data=body, timeout=60).raise_for_status()
 
                     return make_session_call
@@ -152,8 +142,6 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-    finally:
-        server.stop()
 
     print(f"\n{'transport':<11} {'batch':>5} {'clients':>7} {'images/s':>10} {'vs in-process':>14}")
     for name, batch, clients, rate, ratio in rows:
@@ -162,7 +150,7 @@ def main() -> None:
         f"\ncommand: .venv/bin/python -m benchmarks.serving_throughput --seconds={args.seconds:g}"
         f" --batches={args.batches} --clients={args.clients}"
     )
-    print(f"machine: {os.cpu_count()} cores; TensorFlow {tf.__version__}")
+    print(machine_line("server in a separate process, clients on the same cores"))
 
 
 if __name__ == "__main__":

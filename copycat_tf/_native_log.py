@@ -24,7 +24,11 @@ _NOISE = re.compile(
 
 
 def import_tensorflow_quietly() -> None:
-    """Imports tensorflow and lists its devices with known native noise filtered out."""
+    """Imports tensorflow and lists its devices with known native noise filtered out.
+
+    TensorFlow's Python-side INFO logging is off unless the user set TF_CPP_MIN_LOG_LEVEL.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return
     sys.stderr.flush()

@@ -1,14 +1,24 @@
-"""Shared command-line plumbing for the entry modules (flags, one-line errors)."""
+"""Shared command-line plumbing of the entry modules: running main, recipes from flags,
+one-line errors.
+
+Entry modules define their flags at import (no TensorFlow needed, so `--help` is instant)
+and import the library inside main(); `run` imports TensorFlow first with its native
+start-up noise filtered out.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
 
-from copycat_tf._native_log import quiet_library_info
-from copycat_tf.errors import UserInputError
+from copycat_tf.errors import Terminated, UserInputError
+
+# Recipe fields whose flag has another name.
+_FLAG_NAMES = {"precision": "mixed_precision"}
 
 
 def parse_image_size(text: str) -> tuple[int, int] | None:
@@ -27,6 +37,16 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
     return size
 
 
+def recipe_from_flags(values: flags.FlagValues, base):
+    """`base` (a recipe dataclass) with each field that has a flag of its name overridden."""
+    overrides = {}
+    for field in dataclasses.fields(base):
+        name = _FLAG_NAMES.get(field.name, field.name)
+        if name in values and values[name].value is not None:
+            overrides[field.name] = values[name].value
+    return dataclasses.replace(base, **overrides)
+
+
 def define_api_key_flags() -> None:
     """--api_key_env / --api_key_file: where the target's API key comes from."""
     flags.DEFINE_string("api_key_env", "", "Environment variable holding the target's API key.")
@@ -40,8 +60,6 @@ def api_key_from_flags() -> str | None:
 
 def read_api_key(env_var: str = "", path: str = "") -> str | None:
     """An API key from an environment variable or a file's first line (never logged)."""
-    import os
-
     if env_var:
         value = os.environ.get(env_var)
         if not value:
@@ -57,17 +75,24 @@ def read_api_key(env_var: str = "", path: str = "") -> str | None:
 
 
 def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> None:
-    """app.run(main) printing user errors as one line and exiting 2 instead of a traceback."""
+    """app.run(main): TensorFlow imported quietly first, user errors printed as one line
+    (exit status 2) instead of a traceback."""
     for name in required:
         flags.mark_flag_as_required(name)
 
     def wrapped(argv):
+        from copycat_tf._native_log import import_tensorflow_quietly, quiet_library_info
+
+        import_tensorflow_quietly()
         quiet_library_info()
+        prog = sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py")
         try:
             main(argv)
         except (UserInputError, FloatingPointError) as e:
-            prog = sys.argv[0].rsplit("/", 1)[-1].removesuffix(".py")
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Terminated:
+            print(f"{prog}: terminated; re-run the same command to resume", file=sys.stderr)
+            sys.exit(128 + 15)
 
     app.run(wrapped)

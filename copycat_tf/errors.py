@@ -7,3 +7,8 @@ them as one line and exit non-zero instead of a traceback.
 
 class UserInputError(ValueError):
     """A flag, file or dataset given by the user is not what copycat_tf expects."""
+
+
+class Terminated(Exception):
+    """The process got SIGTERM while a long step ran; raised so that `finally` blocks stop
+    child servers and close files. Work done so far is kept; re-running resumes."""

@@ -12,7 +12,6 @@ macro-F1, agreement, copycat/target ratios).
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.evaluation.report import EvaluateConfig, format_table, run_evaluate
 
 flags.DEFINE_string("target", None, "Target URL (grpc://, http(s)://, savedmodel:, json+...).")
 flags.DEFINE_string("copycat", None, "Copycat URL, or its SavedModel version directory.")
@@ -33,6 +32,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from copycat_tf.evaluation.report import EvaluateConfig, format_table, run_evaluate
+
     report = run_evaluate(
         EvaluateConfig(
             target=FLAGS.target,

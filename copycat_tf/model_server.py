@@ -12,7 +12,6 @@ limit, output defences). SIGTERM or Ctrl-C drains requests in flight and exits.
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.server import app
 
 # tensorflow_model_server's flags (defaults as there).
 flags.DEFINE_integer(
@@ -107,6 +106,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from copycat_tf.server import app
+
     app.serve(app.server_config_from_flags(FLAGS))
 
 

@@ -1,35 +1,211 @@
-"""The whole attack as one library call: target, server, steal, copycat, evaluation.
+"""The attack as composable steps: target, server, steal, copycat, evaluation.
 
-Used by `demo` (one command a newcomer runs) and the Fashion-MNIST study driver. Every
-step is the same library call its verb makes, with the workdirs of DESIGN.md below one
-root, so a re-run reuses whatever is already done (a trained target, committed shards,
-finished copycat stages).
+Each step is the library call its verb makes, taking a `Recipe` (copycat_tf.recipe) and
+plain arguments; `demo`, the study and the benchmarks compose them. Every step resumes
+from its workdir, so re-running a composition reuses whatever is already done (a trained
+target, committed shards, finished copycat epochs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 
 from absl import logging
 
-from copycat_tf.attack.harvest import HarvestConfig, harvest
-from copycat_tf.evaluation.report import EvaluateConfig, run_evaluate
-from copycat_tf.server.process import ServerProcess
-from copycat_tf.training.copycat import CopycatConfig, run_train_copycat
-from copycat_tf.training.target import TargetConfig, run_train_target
-from copycat_tf.training.trainer import TrainConfig
-
-NATURAL_NPD = "/usr/share/openclipart/png"
+from copycat_tf.errors import Terminated
+from copycat_tf.recipe import Recipe, TargetRecipe
 
 
-def default_npd() -> str:
-    """Natural images when the Debian openclipart-png pictures are there, else dead leaves."""
-    if os.path.isdir(NATURAL_NPD) and os.listdir(NATURAL_NPD):
-        return f"folder:{NATURAL_NPD}"
-    return "synthetic:dead_leaves"
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """A model served by the embedded server on local ports."""
+
+    grpc_url: str  # grpc://host:port/<model>
+    rest_url: str  # http://host:port/v1/models/<model>
+    grpc_address: str  # host:port
+    log_path: str
+
+
+def ensure_target(
+    workdir: str,
+    model_base_path: str,
+    pd_data: str,
+    recipe: TargetRecipe,
+    *,
+    data_dir: str | None = None,
+    model_name: str = "target",
+    verbose: int = 0,
+) -> dict:
+    """Trains the target, or reuses the run (and export) already in `workdir`.
+
+    Returns:
+      train_target's summary (test metrics, export_dir, class_names, ...).
+    """
+    from copycat_tf.training.target import TrainTargetConfig, run_train_target
+
+    return run_train_target(
+        TrainTargetConfig(
+            pd_data=pd_data,
+            model=recipe.model,
+            workdir=workdir,
+            model_base_path=model_base_path,
+            model_name=model_name,
+            data_dir=data_dir,
+            train=recipe.train_config(verbose),
+        )
+    )
+
+
+@contextlib.contextmanager
+def served(
+    model_base_path: str, model_name: str, log_path: str, *server_flags: str
+) -> Iterator[Served]:
+    """Serves <model_base_path>/<model_name> with the embedded server (a child process on
+    free localhost ports) for the duration of the block.
+
+    The server is stopped on success, failure, Ctrl-C and SIGTERM alike (SIGTERM is raised
+    as `Terminated` in the main thread while the block runs).
+
+    Args:
+      model_base_path: the export root.
+      model_name: the model to serve.
+      log_path: where the server's log goes.
+      *server_flags: more model_server flags (e.g. --output_defense=top1).
+    """
+    from copycat_tf.server.process import ServerProcess
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    server = ServerProcess(
+        f"--model_base_path={os.path.join(model_base_path, model_name)}",
+        f"--model_name={model_name}",
+        *server_flags,
+        model=model_name,
+        stderr_path=log_path,
+    )
+    try:
+        server.start()
+        served_model = Served(
+            grpc_url=f"grpc://{server.grpc_target}/{model_name}",
+            rest_url=f"{server.rest}/v1/models/{model_name}",
+            grpc_address=server.grpc_target,
+            log_path=log_path,
+        )
+        logging.info("%s served at %s (REST %s)", model_name, served_model.grpc_url, server.rest)
+        yield served_model
+    finally:
+        server.stop()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def steal(
+    recipe: Recipe,
+    target_url: str,
+    output_dir: str,
+    *,
+    data_dir: str | None = None,
+    progress: bool = False,
+    target_options: dict | None = None,
+) -> dict:
+    """Steals labels from `target_url` as the recipe says; returns the manifest."""
+    from copycat_tf.attack.steal import StealConfig
+    from copycat_tf.attack.steal import steal as run_steal
+    from copycat_tf.data.preparation import Preparation
+
+    return run_steal(
+        StealConfig(
+            target=target_url,
+            npd=recipe.resolved_npd(),
+            output_dir=output_dir,
+            query_budget=recipe.query_budget,
+            query_batch_size=recipe.query_batch_size,
+            max_in_flight=recipe.max_in_flight,
+            label_mode=recipe.label_mode,
+            seed=recipe.seed,
+            crops_per_image=recipe.crops_per_image,
+            preparation=Preparation.of(recipe),
+            npd_data_dir=data_dir,
+            target_options=target_options or {},
+            progress=progress,
+        )
+    )
+
+
+def pd_recipe(recipe: Recipe, pd_data: str, budget: int) -> Recipe:
+    """The recipe of the NPD+PD stage's steal: problem-domain images, as they are."""
+    return dataclasses.replace(
+        recipe, npd=f"pd:{pd_data}:train", query_budget=budget, crops_per_image=1
+    )
+
+
+def train_copycat(
+    recipe: Recipe,
+    fake_dataset: list[str],
+    workdir: str,
+    *,
+    model_base_path: str = "",
+    model_name: str = "copycat",
+    pd_fake_dataset: list[str] | None = None,
+    max_records: int = 0,
+    class_names: list[str] | None = None,
+    verbose: int = 0,
+) -> dict:
+    """Trains (or resumes) the copycat as the recipe says; returns its summary."""
+    from copycat_tf.training.copycat import TrainCopycatConfig, run_train_copycat
+
+    return run_train_copycat(
+        TrainCopycatConfig(
+            fake_dataset=list(fake_dataset),
+            model=recipe.model,
+            workdir=workdir,
+            model_base_path=model_base_path,
+            model_name=model_name,
+            balance=recipe.balance,
+            max_replication=recipe.max_replication,
+            soft_labels=recipe.label_mode != "hard",
+            holdout_percent=recipe.holdout_percent,
+            train=recipe.train_config(verbose),
+            pd_fake_dataset=list(pd_fake_dataset or []),
+            finetune=recipe.finetune_config(verbose),
+            class_names=list(class_names or []),
+            max_records=max_records,
+        )
+    )
+
+
+def evaluate(
+    target_url: str,
+    copycat: str,
+    test_data: str,
+    out: str,
+    *,
+    data_dir: str | None = None,
+    max_examples: int = 0,
+) -> dict:
+    """Compares the copycat with the target on labelled test data; returns the report."""
+    from copycat_tf.evaluation.report import EvaluateConfig, run_evaluate
+
+    return run_evaluate(
+        EvaluateConfig(
+            target=target_url,
+            copycat=copycat,
+            test_data=test_data,
+            out=out,
+            data_dir=data_dir,
+            max_examples=max_examples,
+        )
+    )
 
 
 @dataclasses.dataclass
@@ -38,167 +214,78 @@ class AttackConfig:
 
     Attributes:
       workdir: root of every artefact (target/, models/, fake_npd/, copycat/, eval/).
+      recipe: the attack.
+      target_recipe: how the target is trained.
       pd_data: the problem domain (the target's training data and the test data).
       data_dir: its data directory (IDX folder), None for the default.
-      npd: NPD spec for the attack.
-      query_budget: NPD queries.
-      target_epochs, copycat_epochs: training lengths.
-      target_model, copycat_model: registry names.
-      query_batch_size, max_in_flight, crops_per_image: steal settings.
-      balance: copycat class balancing.
-      pd_budget: >0 adds the NPD+PD stage with this many target-labelled PD images.
-      finetune_epochs: epochs of that stage.
+      pd_budget: > 0 adds the NPD+PD stage with this many target-labelled PD images.
       eval_examples: test images for the evaluation (0: all).
-      seed: one seed for everything.
     """
 
     workdir: str
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    target_recipe: TargetRecipe = dataclasses.field(default_factory=TargetRecipe)
     pd_data: str = "fashion_mnist"
     data_dir: str | None = None
-    npd: str = ""
-    query_budget: int = 50_000
-    target_epochs: int = 10
-    copycat_epochs: int = 10
-    target_model: str = "small_cnn"
-    copycat_model: str = "small_cnn"
-    query_batch_size: int = 256
-    max_in_flight: int = 4
-    crops_per_image: int = 4
-    balance: str = "replicate"
     pd_budget: int = 0
-    finetune_epochs: int = 5
     eval_examples: int = 0
-    seed: int = 0
-
-
-class _Terminated(Exception):
-    """SIGTERM, turned into an exception so `finally` blocks stop the server."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated(f"signal {signum}")
 
 
 def run_attack(cfg: AttackConfig, verbose: int = 0) -> dict:
-    """Runs the attack; returns timings, paths and the evaluation report.
-
-    The model server is a child process on free localhost ports; it is stopped on
-    success, failure, Ctrl-C and SIGTERM alike.
-    """
-    npd = cfg.npd or default_npd()
+    """Target, server, steal (+ PD steal), copycat, evaluation; returns timings, paths,
+    the steal manifest and the evaluation report."""
     root = cfg.workdir
+    models = os.path.join(root, "models")
     timings = {}
-    start = time.monotonic()
-    target = run_train_target(
-        TargetConfig(
-            pd_data=cfg.pd_data,
-            model=cfg.target_model,
-            workdir=os.path.join(root, "target"),
-            model_base_path=os.path.join(root, "models"),
-            model_name="target",
-            data_dir=cfg.data_dir,
-            train=TrainConfig(
-                epochs=cfg.target_epochs,
-                batch_size=128,
-                learning_rate=2e-3,
-                augment="flip",
-                seed=cfg.seed,
-                verbose=verbose,
-            ),
-        )
+    start = t = time.monotonic()
+    target = ensure_target(
+        os.path.join(root, "target"),
+        models,
+        cfg.pd_data,
+        cfg.target_recipe,
+        data_dir=cfg.data_dir,
+        verbose=verbose,
     )
-    timings["target_seconds"] = round(time.monotonic() - start, 1)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    server = ServerProcess(
-        f"--model_base_path={os.path.join(root, 'models', 'target')}",
-        "--model_name=target",
-        model="target",
-        stderr_path=os.path.join(root, "model_server.log"),
-    )
-    try:
-        server.start()
-        url = f"grpc://{server.grpc_target}/target"
-        logging.info("target served at %s (REST %s)", url, server.rest)
+    timings["target_seconds"] = round(time.monotonic() - t, 1)
+    with served(models, "target", os.path.join(root, "model_server.log")) as server:
         t = time.monotonic()
-        steal_settings = dict(
-            target=url,
-            query_batch_size=cfg.query_batch_size,
-            max_in_flight=cfg.max_in_flight,
-            seed=cfg.seed,
+        manifest = steal(
+            cfg.recipe,
+            server.grpc_url,
+            os.path.join(root, "fake_npd"),
+            data_dir=cfg.data_dir,
             progress=verbose > 0,
-            records_per_shard=10_000,
-            npd_data_dir=cfg.data_dir,
-        )
-        manifest = harvest(
-            HarvestConfig(
-                npd=npd,
-                output_dir=os.path.join(root, "fake_npd"),
-                query_budget=cfg.query_budget,
-                crops_per_image=cfg.crops_per_image,
-                **steal_settings,
-            )
         )
         pd_fake = []
         if cfg.pd_budget:
-            harvest(
-                HarvestConfig(
-                    npd=f"pd:{cfg.pd_data}:train",
-                    output_dir=os.path.join(root, "fake_pd"),
-                    query_budget=cfg.pd_budget,
-                    **steal_settings,
-                )
-            )
             pd_fake = [os.path.join(root, "fake_pd")]
+            steal(pd_recipe(cfg.recipe, cfg.pd_data, cfg.pd_budget), server.grpc_url, pd_fake[0])
         timings["steal_seconds"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
-        copycat = run_train_copycat(
-            CopycatConfig(
-                fake_dataset=[os.path.join(root, "fake_npd")],
-                model=cfg.copycat_model,
-                workdir=os.path.join(root, "copycat"),
-                model_base_path=os.path.join(root, "models"),
-                model_name="copycat",
-                balance=cfg.balance,
-                pd_fake_dataset=pd_fake,
-                train=TrainConfig(
-                    epochs=cfg.copycat_epochs,
-                    batch_size=128,
-                    learning_rate=2e-3,
-                    seed=cfg.seed,
-                    verbose=verbose,
-                ),
-                finetune=TrainConfig(
-                    epochs=cfg.finetune_epochs,
-                    batch_size=128,
-                    learning_rate=5e-4,
-                    seed=cfg.seed,
-                    verbose=verbose,
-                ),
-                class_names=target["class_names"],
-            )
+        copycat = train_copycat(
+            cfg.recipe,
+            [os.path.join(root, "fake_npd")],
+            os.path.join(root, "copycat"),
+            model_base_path=models,
+            pd_fake_dataset=pd_fake,
+            class_names=target["class_names"],
+            verbose=verbose,
         )
         timings["copycat_seconds"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
-        report = run_evaluate(
-            EvaluateConfig(
-                target=url,
-                copycat=copycat["export_dir"],
-                test_data=f"{cfg.pd_data}:test",
-                out=os.path.join(root, "eval"),
-                data_dir=cfg.data_dir,
-                max_examples=cfg.eval_examples,
-            )
+        report = evaluate(
+            server.grpc_url,
+            copycat["export_dir"],
+            f"{cfg.pd_data}:test",
+            os.path.join(root, "eval"),
+            data_dir=cfg.data_dir,
+            max_examples=cfg.eval_examples,
         )
         timings["evaluate_seconds"] = round(time.monotonic() - t, 1)
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
     timings["total_seconds"] = round(time.monotonic() - start, 1)
     return {
-        "npd": npd,
-        "query_budget": cfg.query_budget,
-        "queries_spent": manifest["queries_spent"],
-        "stolen_label_histogram": manifest["label_histogram"],
+        "npd": cfg.recipe.resolved_npd(),
+        "manifest": manifest,
         "timings": timings,
         "report": report,
         "paths": {

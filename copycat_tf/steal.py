@@ -11,9 +11,9 @@ never pays for a query twice. --query_budget is a hard cap on images answered.
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.attack.harvest import HarvestConfig, format_summary, harvest
-from copycat_tf.errors import UserInputError
+from copycat_tf.recipe import Recipe
 
+RECIPE = Recipe()
 flags.DEFINE_string(
     "target",
     None,
@@ -25,7 +25,7 @@ flags.DEFINE_string(
     "npd",
     None,
     "NPD images: folder:<path>, tfds:<name>[:split], "
-    "synthetic:noise|dead_leaves, or mix:<w>*<spec>|<w>*<spec>.",
+    "synthetic:shapes|leaves|dead_leaves|noise, pd:<PD spec>, or mix:<w>*<spec>|<w>*<spec>.",
 )
 flags.DEFINE_string(
     "output_dir",
@@ -39,25 +39,61 @@ flags.DEFINE_integer(
     "exceeded. Raise it on a re-run to extend a dataset.",
     lower_bound=1,
 )
-flags.DEFINE_integer("query_batch_size", 64, "Images per request.", lower_bound=1)
-flags.DEFINE_integer("max_in_flight", 4, "Concurrent requests.", lower_bound=1)
+flags.DEFINE_integer(
+    "query_batch_size", RECIPE.query_batch_size, "Images per request.", lower_bound=1
+)
+flags.DEFINE_integer("max_in_flight", RECIPE.max_in_flight, "Concurrent requests.", lower_bound=1)
 flags.DEFINE_float(
     "max_qps", 0.0, "Requests per second at most (0: no client-side limit).", lower_bound=0.0
 )
 flags.DEFINE_string(
     "label_mode",
-    "hard",
+    RECIPE.label_mode,
     "hard (top-1 label, the paper's setting), "
     "topk:K (K best scores kept) or scores (full score vectors).",
 )
-flags.DEFINE_integer("seed", 0, "NPD order, crops and synthetic images.")
+flags.DEFINE_integer("seed", RECIPE.seed, "NPD order, crops and synthetic images.")
 flags.DEFINE_integer("shard_index", 0, "This worker's part of the NPD stream.", lower_bound=0)
 flags.DEFINE_integer("num_shards", 1, "Workers splitting the NPD stream.", lower_bound=1)
 flags.DEFINE_integer(
     "crops_per_image",
-    1,
+    RECIPE.crops_per_image,
     "NPD items per source image: the full view, then random crops.",
     lower_bound=1,
+)
+# How natural pictures are prepared for the target (copycat_tf/data/preparation.py).
+flags.DEFINE_string(
+    "npd_background",
+    RECIPE.npd_background,
+    "What shows through transparent pixels, drawn per item: random, or a comma list of "
+    "black, white, grey, colour, texture.",
+)
+flags.DEFINE_float("npd_invert", RECIPE.npd_invert, "Probability of a polarity inversion per item.")
+flags.DEFINE_float(
+    "npd_jitter", RECIPE.npd_jitter, "Strength of brightness/contrast/gamma jitter (0: none)."
+)
+flags.DEFINE_float("npd_blur", RECIPE.npd_blur, "Probability of a small Gaussian blur per item.")
+flags.DEFINE_string(
+    "npd_crop_area", RECIPE.npd_crop_area, "MIN,MAX share of the picture a random crop covers."
+)
+flags.DEFINE_string("npd_crop_aspect", RECIPE.npd_crop_aspect, "MIN,MAX aspect ratio of crops.")
+flags.DEFINE_boolean(
+    "npd_cycle",
+    RECIPE.npd_cycle,
+    "A finite folder starts over with new random crops instead of ending the stream.",
+)
+flags.DEFINE_integer(
+    "npd_adapt_after",
+    RECIPE.npd_adapt_after,
+    "Explore-then-commit: after this many stream positions, draw backgrounds and polarity "
+    "with weights favouring those whose answers were rare labels (0: never adapt).",
+    lower_bound=0,
+)
+flags.DEFINE_boolean(
+    "npd_legacy",
+    False,
+    "Prepare pictures as before preparation existed (white background, no cycling): to "
+    "resume a dataset made by an older copycat_tf.",
 )
 flags.DEFINE_integer(
     "records_per_shard", 10000, "Records per committed TFRecord shard.", lower_bound=1
@@ -82,6 +118,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("npd_data_dir", None, "TFDS data dir for tfds: NPD sources.")
 flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
+flags.DEFINE_integer(
+    "skew_check_after",
+    2000,
+    "Answers after which steal warns when the stolen labels are skewed "
+    "(one class over half of them, or a class never answered).",
+    lower_bound=1,
+)
 # Credentials and the generic JSON client.
 cli.define_api_key_flags()
 flags.adopt_module_key_flags(cli)  # so --help lists them
@@ -108,6 +151,8 @@ FLAGS = flags.FLAGS
 
 
 def _input_shape():
+    from copycat_tf.errors import UserInputError
+
     if not FLAGS.input_shape:
         return None
     try:
@@ -121,8 +166,12 @@ def _input_shape():
 
 def main(argv):
     del argv
-    manifest = harvest(
-        HarvestConfig(
+    from copycat_tf.attack.steal import StealConfig, format_summary, steal
+    from copycat_tf.data.preparation import Preparation
+    from copycat_tf.targets.retry import RetryPolicy
+
+    manifest = steal(
+        StealConfig(
             target=FLAGS.target,
             npd=FLAGS.npd,
             output_dir=FLAGS.output_dir,
@@ -135,11 +184,12 @@ def main(argv):
             shard_index=FLAGS.shard_index,
             num_shards=FLAGS.num_shards,
             crops_per_image=FLAGS.crops_per_image,
+            preparation=Preparation.of(cli.recipe_from_flags(FLAGS, RECIPE), FLAGS.npd_legacy),
             records_per_shard=FLAGS.records_per_shard,
-            timeout_s=FLAGS.request_timeout,
-            max_retries=FLAGS.max_retries,
+            retry=RetryPolicy(timeout_s=FLAGS.request_timeout, max_retries=FLAGS.max_retries),
             num_classes=FLAGS.num_classes,
             npd_data_dir=FLAGS.npd_data_dir,
+            skew_check_after=FLAGS.skew_check_after,
             progress=FLAGS.progress,
             target_options={
                 "api_key": cli.api_key_from_flags(),

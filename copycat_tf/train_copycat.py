@@ -11,20 +11,26 @@ same --workdir resumes.
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.data.fake_dataset import BALANCE_MODES
+from copycat_tf.data.balance import BALANCE_MODES
+from copycat_tf.recipe import Recipe
 from copycat_tf.training import flags as training_flags
-from copycat_tf.training import runtime
-from copycat_tf.training.copycat import CopycatConfig, format_summary, run_train_copycat
-from copycat_tf.training.trainer import TrainConfig
 
+RECIPE = Recipe()
 flags.DEFINE_list("fake_dataset", None, "steal --output_dir(s); several for several workers.")
 flags.DEFINE_enum(
     "balance",
-    "replicate",
+    RECIPE.balance,
     BALANCE_MODES,
     "Class balancing of the stolen "
     "labels: replicate minority classes up to N/C (2021 paper), resample every "
     "class to N/C, or none.",
+)
+flags.DEFINE_float(
+    "max_replication",
+    RECIPE.max_replication,
+    "No class is shown more than this many times its own records per epoch (0: no cap), "
+    "so a class with a handful of records is not memorised.",
+    lower_bound=0.0,
 )
 flags.DEFINE_boolean(
     "soft_labels",
@@ -34,7 +40,7 @@ flags.DEFINE_boolean(
 )
 flags.DEFINE_integer(
     "holdout_percent",
-    5,
+    RECIPE.holdout_percent,
     "Share of the fake dataset held out to pick the "
     "best epoch by agreement with the stolen labels.",
     lower_bound=1,
@@ -46,10 +52,15 @@ flags.DEFINE_list(
     "NPD+PD: steal output of problem-domain images "
     "labelled by the target (steal --npd=pd:...); fine-tunes the copycat.",
 )
-flags.DEFINE_integer("finetune_epochs", 5, "Epochs of the NPD+PD fine-tuning stage.", lower_bound=1)
+flags.DEFINE_integer(
+    "finetune_epochs",
+    RECIPE.finetune_epochs,
+    "Epochs of the NPD+PD fine-tuning stage.",
+    lower_bound=1,
+)
 flags.DEFINE_float(
     "finetune_learning_rate",
-    1e-4,
+    RECIPE.finetune_learning_rate,
     "Peak learning rate of the fine-tuning stage (lower than stage 1).",
     lower_bound=0.0,
 )
@@ -63,39 +74,35 @@ flags.DEFINE_integer(
 flags.DEFINE_list(
     "class_names", [], "Class names shipped with the export (default class_0, class_1, ...)."
 )
-training_flags.define_training_flags(model_name_default="copycat")
+training_flags.define_training_flags(model_name_default="copycat", recipe=RECIPE)
 flags.adopt_module_key_flags(training_flags)  # so --help lists them
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    runtime.set_precision(FLAGS.mixed_precision)
+    from copycat_tf.training import runtime
+    from copycat_tf.training.copycat import TrainCopycatConfig, format_summary, run_train_copycat
+
+    recipe = cli.recipe_from_flags(FLAGS, RECIPE)
+    runtime.set_precision(recipe.precision)
     strategy = runtime.make_strategy(FLAGS.strategy)
-    train = training_flags.train_config_from_flags(FLAGS)
     summary = run_train_copycat(
-        CopycatConfig(
+        TrainCopycatConfig(
             fake_dataset=FLAGS.fake_dataset,
-            model=FLAGS.model,
+            model=recipe.model,
             workdir=FLAGS.workdir,
             model_base_path=FLAGS.model_base_path,
             model_name=FLAGS.model_name,
             version=FLAGS.version,
-            balance=FLAGS.balance,
+            balance=recipe.balance,
+            max_replication=recipe.max_replication,
             soft_labels=FLAGS.soft_labels,
-            holdout_percent=FLAGS.holdout_percent,
+            holdout_percent=recipe.holdout_percent,
             weights=FLAGS.weights or None,
-            train=train,
+            train=recipe.train_config(FLAGS.verbose),
             pd_fake_dataset=FLAGS.pd_fake_dataset,
-            finetune=TrainConfig(
-                epochs=FLAGS.finetune_epochs,
-                batch_size=FLAGS.batch_size,
-                learning_rate=FLAGS.finetune_learning_rate,
-                weight_decay=FLAGS.weight_decay,
-                augment=FLAGS.augment,
-                seed=FLAGS.seed,
-                verbose=FLAGS.verbose,
-            ),
+            finetune=recipe.finetune_config(FLAGS.verbose),
             class_names=FLAGS.class_names,
             max_records=FLAGS.max_records,
         ),

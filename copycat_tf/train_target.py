@@ -10,9 +10,8 @@ serving_bytes). Re-running with the same --workdir resumes.
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.recipe import TargetRecipe
 from copycat_tf.training import flags as training_flags
-from copycat_tf.training import runtime
-from copycat_tf.training.target import TargetConfig, format_summary, run_train_target
 
 flags.DEFINE_string(
     "pd_data", None, "Problem-domain data: fashion_mnist, tfds:<name> or folder:<path>."
@@ -24,19 +23,23 @@ flags.DEFINE_string(
     "/usr/share/datasets/fashion-mnist); tfds: the TFDS data dir.",
 )
 flags.DEFINE_string("image_size", "", "Resize images to H or HxW (default: keep).")
-training_flags.define_training_flags(model_name_default="target")
+training_flags.define_training_flags(model_name_default="target", recipe=TargetRecipe())
 flags.adopt_module_key_flags(training_flags)  # so --help lists them
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    runtime.set_precision(FLAGS.mixed_precision)
+    from copycat_tf.training import runtime
+    from copycat_tf.training.target import TrainTargetConfig, format_summary, run_train_target
+
+    recipe = cli.recipe_from_flags(FLAGS, TargetRecipe())
+    runtime.set_precision(recipe.precision)
     strategy = runtime.make_strategy(FLAGS.strategy)
     summary = run_train_target(
-        TargetConfig(
+        TrainTargetConfig(
             pd_data=FLAGS.pd_data,
-            model=FLAGS.model,
+            model=recipe.model,
             workdir=FLAGS.workdir,
             model_base_path=FLAGS.model_base_path,
             model_name=FLAGS.model_name,
@@ -44,7 +47,7 @@ def main(argv):
             data_dir=FLAGS.data_dir,
             image_size=cli.parse_image_size(FLAGS.image_size),
             weights=FLAGS.weights or None,
-            train=training_flags.train_config_from_flags(FLAGS),
+            train=recipe.train_config(FLAGS.verbose),
         ),
         strategy=strategy,
         flags_text=FLAGS.flags_into_string(),

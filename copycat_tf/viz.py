@@ -21,11 +21,7 @@ def _figure_to_array(fig) -> np.ndarray:
 
 def image_grid(images: np.ndarray, titles: Sequence[str], columns: int = 8) -> np.ndarray:
     """Draws uint8 images [N, H, W, C] with a title each; returns an RGB uint8 array."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, (n + columns - 1) // columns)
@@ -41,7 +37,8 @@ def image_grid(images: np.ndarray, titles: Sequence[str], columns: int = 8) -> n
     return _figure_to_array(fig)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +49,7 @@ def _pyplot():
 
 def confusion_matrix_figure(cm, class_names: Sequence[str], title: str):
     """A confusion matrix (rows: true class, columns: predicted), row-normalised colours."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
@@ -74,7 +71,7 @@ def confusion_matrix_figure(cm, class_names: Sequence[str], title: str):
 
 def per_class_f1_figure(class_names: Sequence[str], series: dict[str, Sequence[float]]):
     """Grouped bars of per-class F1, one colour per model."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * n), 3.2))
     width = 0.8 / max(len(series), 1)
@@ -89,6 +86,9 @@ def per_class_f1_figure(class_names: Sequence[str], series: dict[str, Sequence[f
 
 
 def save_figure(fig, path: str) -> np.ndarray:
-    """Writes a figure as PNG and returns it as an RGB array (for TensorBoard)."""
-    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    """Writes a figure as PNG and returns it as an RGB array (for TensorBoard).
+
+    The PNG carries no software version or date, so the same figure gives the same bytes.
+    """
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     return _figure_to_array(fig)

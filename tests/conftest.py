@@ -9,7 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-import copycat_tf  # noqa: F401  (quiet TensorFlow import before anything else)
+from copycat_tf._native_log import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before any test module imports TensorFlow
 
 NUM_CLASSES = 10
 

@@ -10,17 +10,19 @@ from cli_util import error_lines, run_verb
 from conftest import export_tiny_model, write_fashion_idx
 from tensorboard.backend.event_processing import event_accumulator
 
-from copycat_tf.attack.harvest import HarvestConfig, harvest
+from copycat_tf.attack.steal import StealConfig, steal
+from copycat_tf.data import balance
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.errors import UserInputError
 from copycat_tf.evaluation.report import EvaluateConfig, run_evaluate
-from copycat_tf.training.copycat import CopycatConfig, run_train_copycat
-from copycat_tf.training.target import TargetConfig, run_train_target
-from copycat_tf.training.trainer import TrainConfig
+from copycat_tf.recipe import Recipe
+from copycat_tf.training.copycat import TrainCopycatConfig, run_train_copycat
+from copycat_tf.training.target import TrainTargetConfig, run_train_target
 
 
 def _train(epochs, lr=3e-3, batch=64):
-    return TrainConfig(epochs=epochs, batch_size=batch, learning_rate=lr, verbose=0)
+    recipe = Recipe(epochs=epochs, batch_size=batch, learning_rate=lr)
+    return recipe.train_config(verbose=0)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def attack(tmp_path_factory):
     root = tmp_path_factory.mktemp("attack")
     data_dir = write_fashion_idx(str(root / "fm"), n_train=300, n_test=100)
     target = run_train_target(
-        TargetConfig(
+        TrainTargetConfig(
             pd_data="fashion_mnist",
             model="small_cnn",
             workdir=str(root / "target"),
@@ -42,14 +44,15 @@ def attack(tmp_path_factory):
         ("npd", "synthetic:dead_leaves", 2000, "scores"),
         ("pd", "pd:fashion_mnist:train", 270, "hard"),
     ):
-        harvest(
-            HarvestConfig(
+        steal(
+            StealConfig(
                 target=url,
                 npd=npd,
                 output_dir=str(root / f"fake_{name}"),
                 query_budget=budget,
                 query_batch_size=128,
                 label_mode=mode,
+                crops_per_image=1,
                 records_per_shard=500,
                 progress=False,
                 npd_data_dir=data_dir,
@@ -80,7 +83,7 @@ def _evaluate(attack, copycat_dir, out):
 def test_copycat_learns_from_stolen_labels_and_npd_pd_improves_it(attack, tmp_path):
     assert attack["target_accuracy"] > 0.9
     npd = run_train_copycat(
-        CopycatConfig(
+        TrainCopycatConfig(
             fake_dataset=[attack["npd"]],
             model="small_cnn",
             workdir=str(tmp_path / "c"),
@@ -94,7 +97,7 @@ def test_copycat_learns_from_stolen_labels_and_npd_pd_improves_it(attack, tmp_pa
     assert report["agreement"] >= 0.2
 
     both = run_train_copycat(
-        CopycatConfig(
+        TrainCopycatConfig(
             fake_dataset=[attack["npd"]],
             pd_fake_dataset=[attack["pd"]],
             model="small_cnn",
@@ -112,7 +115,7 @@ def test_copycat_learns_from_stolen_labels_and_npd_pd_improves_it(attack, tmp_pa
 
 def test_soft_labels_path(attack, tmp_path):
     out = run_train_copycat(
-        CopycatConfig(
+        TrainCopycatConfig(
             fake_dataset=[attack["npd"]],
             model="small_cnn",
             workdir=str(tmp_path / "s"),
@@ -127,7 +130,7 @@ def test_soft_labels_path(attack, tmp_path):
     assert out["stages"]["npd"]["heldout_agreement"] > 0.5
     with pytest.raises(UserInputError, match="--soft_labels needs score vectors"):
         run_train_copycat(
-            CopycatConfig(
+            TrainCopycatConfig(
                 fake_dataset=[attack["pd"]],
                 model="small_cnn",
                 workdir=str(tmp_path / "x"),
@@ -141,7 +144,7 @@ def test_soft_labels_path(attack, tmp_path):
 def test_balancing_gives_the_specified_distribution(mode):
     labels = np.array([0] * 50 + [1] * 8 + [3] * 2, np.int64)  # class 2 absent
     ds = tf.data.Dataset.from_tensor_slices((np.arange(60), labels))
-    epoch, targets = fd.balanced(ds.cache(), np.bincount(labels, minlength=4), mode, seed=1)
+    epoch, targets = balance.balanced(ds.cache(), np.bincount(labels, minlength=4), mode, seed=1)
     expected = {"replicate": [50, 20, 0, 20], "resample": [20, 20, 0, 20], "none": [50, 8, 0, 2]}[
         mode
     ]
@@ -154,12 +157,20 @@ def test_balancing_gives_the_specified_distribution(mode):
         assert sorted(set(ids)) == [58, 59] and ids.count(58) == 10
 
 
+def test_replication_cap():
+    counts = np.array([500, 40, 0, 3])
+    assert balance.class_targets(counts, "replicate").tolist() == [500, 181, 0, 181]
+    # At most 4x a class's own records: 3 records are not shown 60 times each.
+    assert balance.class_targets(counts, "replicate", 4).tolist() == [500, 160, 0, 12]
+    assert balance.class_targets(counts, "resample", 4).tolist() == [181, 160, 0, 12]
+
+
 def test_bad_fake_datasets(attack, tmp_path):
     import shutil
 
     def train(fake, **kw):
         return run_train_copycat(
-            CopycatConfig(
+            TrainCopycatConfig(
                 fake_dataset=[fake],
                 model=kw.pop("model", "small_cnn"),
                 workdir=str(tmp_path / "w"),
@@ -207,7 +218,7 @@ def test_bad_fake_datasets(attack, tmp_path):
 
 def test_evaluate_report_files(attack, tmp_path):
     copycat = run_train_copycat(
-        CopycatConfig(
+        TrainCopycatConfig(
             fake_dataset=[attack["pd"]],
             model="small_cnn",
             workdir=str(tmp_path / "c"),

@@ -21,7 +21,8 @@ def test_demo_quick_end_to_end(fashion_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "copycat_tf demo: stealing a fashion_mnist classifier with 300 queries" in out
+    assert "copycat_tf demo: stealing a fashion_mnist classifier with up to 300 queries" in out
+    assert "stolen with 300 queries of synthetic:dead_leaves (budget 300, complete)" in out
     for line in ("accuracy", "macro-F1", "agreement with target", "TensorBoard: tensorboard"):
         assert line in out
     report = json.loads((workdir / "eval" / "report.json").read_text())

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
+from cli_util import error_lines, run_verb
 from conftest import export_tiny_model
 from server_util import ServerProcess, in_process_server
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -396,3 +397,22 @@ def test_model_server_port_in_use(tiny_export):
         )
     assert proc.returncode != 0
     assert f"cannot bind gRPC port 127.0.0.1:{port}" in error_lines(proc)[-1]
+
+
+def test_batching_parameters_file_with_a_misspelt_field(tmp_path, tiny_export):
+    good = tmp_path / "good.txt"
+    good.write_text("max_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("max_batch_size { value: 8 }\nmax_enqueued_batchs { value: 4 }\n")
+    flags = [f"--model_base_path={tiny_export[0]}", "--model_name=m"]
+    with ServerProcess(*flags, f"--batching_parameters_file={good}") as server:
+        assert _rest_predict(server, _images(3)).status_code == 200
+    proc = run_verb(
+        "model_server",
+        f"--model_base_path={tiny_export[0]}",
+        f"--batching_parameters_file={bad}",
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "max_enqueued_batchs" in lines[0] and str(bad) in lines[0], lines

@@ -5,7 +5,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from copycat_tf.data.npd import NpdStream, dead_leaves
+from copycat_tf.data.generators import GENERATORS, dead_leaves
+from copycat_tf.data.npd import NpdStream
+from copycat_tf.data.preparation import LEGACY, Preparation
 from copycat_tf.errors import UserInputError
 
 
@@ -19,7 +21,7 @@ def _items(stream, n, start=0):
     return out
 
 
-@pytest.mark.parametrize("generator", ["noise", "dead_leaves"])
+@pytest.mark.parametrize("generator", sorted(GENERATORS))
 def test_synthetic_is_deterministic_and_random_access(generator):
     a = NpdStream(f"synthetic:{generator}", (12, 10, 3), seed=5)
     b = NpdStream(f"synthetic:{generator}", (12, 10, 3), seed=5)
@@ -67,8 +69,10 @@ def _write_images(folder):
 
 
 def test_folder_every_format_any_shape_with_crops(tmp_path):
+    """The legacy preparation: exactly what datasets made before preparation hold."""
     _write_images(tmp_path / "imgs")
-    stream = NpdStream(f"folder:{tmp_path / 'imgs'}", (16, 16, 1), seed=0, crops_per_image=3)
+    folder = f"folder:{tmp_path / 'imgs'}"
+    stream = NpdStream(folder, (16, 16, 1), seed=0, crops_per_image=3, preparation=LEGACY)
     assert stream.length == 15
     items = _items(stream, 100)
     assert len(items) == 15 and all(i.image.shape == (16, 16, 1) for i in items)
@@ -84,9 +88,9 @@ def test_folder_every_format_any_shape_with_crops(tmp_path):
     # Crops of one file differ; the order is a seeded permutation of the files.
     crops = [i.image for i in items if i.source_id.startswith("c.bmp")]
     assert len({c.tobytes() for c in crops}) == 3
-    other = NpdStream(f"folder:{tmp_path / 'imgs'}", (16, 16, 1), seed=1, crops_per_image=3)
+    other = NpdStream(folder, (16, 16, 1), seed=1, crops_per_image=3, preparation=LEGACY)
     assert [i.source_id for i in _items(other, 15)] != [i.source_id for i in items]
-    rgb = NpdStream(f"folder:{tmp_path / 'imgs'}", (8, 12, 3)).item(0)
+    rgb = NpdStream(folder, (8, 12, 3), preparation=LEGACY).item(0)
     assert rgb.image.shape == (8, 12, 3)
 
 
@@ -109,7 +113,7 @@ def test_tfds_source(tmp_path):
 
     data_dir = str(tmp_path / "tfds")
     TinyShapes(data_dir=data_dir).download_and_prepare()
-    stream = NpdStream("tfds:tiny_shapes", (6, 6, 3), data_dir=data_dir)
+    stream = NpdStream("tfds:tiny_shapes", (6, 6, 3), data_dir=data_dir, preparation=LEGACY)
     assert stream.length == 50
     items = _items(stream, 100)
     assert len(items) == 50 and items[7].source_id == "tiny_shapes:train:7"
@@ -132,3 +136,167 @@ def test_tfds_source(tmp_path):
 def test_bad_specs(spec, fragment):
     with pytest.raises(UserInputError, match=fragment):
         NpdStream(spec, (8, 8, 1))
+
+
+def _prep(**knobs):
+    settings = {
+        "background": "black",
+        "invert": 0.0,
+        "jitter": 0.0,
+        "blur": 0.0,
+        "crop_area": "1,1",
+        "crop_aspect": "1,1",
+        "cycle": False,
+        "adapt_after": 0,
+        **knobs,
+    }
+    return Preparation.parse(**settings)
+
+
+def _clear_and_opaque(folder):
+    """A fully transparent picture and an opaque one with a bright square on dark."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8), "RGBA").save(folder / "clear.png")
+    opaque = np.full((40, 40, 3), 30, np.uint8)
+    opaque[10:30, 10:30] = 220
+    Image.fromarray(opaque).save(folder / "square.png")
+    return f"folder:{folder}"
+
+
+def _first(spec, prep, name, shape=(16, 16, 1), seed=0, index_limit=20):
+    stream = NpdStream(spec, shape, seed=seed, preparation=prep)
+    return next(
+        stream.item(k) for k in range(index_limit) if stream.item(k).source_id.startswith(name)
+    )
+
+
+def test_background_knob(tmp_path):
+    spec = _clear_and_opaque(tmp_path / "p")
+    assert (_first(spec, _prep(background="black"), "clear").image == 0).all()
+    assert (_first(spec, _prep(background="white"), "clear").image == 255).all()
+    grey = _first(spec, _prep(background="grey"), "clear").image
+    assert len(np.unique(grey)) == 1
+    texture = _first(spec, _prep(background="texture"), "clear").image
+    assert len(np.unique(texture)) > 5  # a smooth random field, not a flat tone
+    # The background only shows through transparency: an opaque picture is unchanged.
+    black = _first(spec, _prep(background="black"), "square").image
+    white = _first(spec, _prep(background="white"), "square").image
+    np.testing.assert_array_equal(black, white)
+    # "random" draws the background per item: several kinds over a stream.
+    stream = NpdStream(spec, (16, 16, 1), preparation=_prep(background="random", cycle=True))
+    clear = [stream.item(k).image for k in range(60) if "clear" in stream.item(k).source_id]
+    assert len({(int(c.min()), int(c.max())) for c in clear}) > 3
+
+
+def test_invert_jitter_and_blur_knobs(tmp_path):
+    spec = _clear_and_opaque(tmp_path / "p")
+    plain = _first(spec, _prep(), "square").image.astype(int)
+    inverted = _first(spec, _prep(invert=1.0), "square").image.astype(int)
+    np.testing.assert_array_equal(inverted, 255 - plain)
+    jittered = _first(spec, _prep(jitter=0.5), "square").image.astype(int)
+    assert np.abs(jittered - plain).max() > 5
+    blurred = _first(spec, _prep(blur=1.0), "square").image.astype(int)
+    edges = lambda x: np.abs(np.diff(x, axis=1)).max()  # noqa: E731
+    assert edges(blurred) < edges(plain)
+
+
+def test_crop_area_and_aspect_knobs():
+    rng = np.random.default_rng(0)
+    prep = _prep(crop_area="0.02,0.05", crop_aspect="0.5,2")
+    for _ in range(200):
+        x0, y0, x1, y1 = prep.crop_box(rng, full_view=False)
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        assert 0.019 <= (x1 - x0) * (y1 - y0) <= 0.051
+        assert 0.49 <= (x1 - x0) / (y1 - y0) <= 2.01
+    assert prep.crop_box(rng, full_view=True) is None
+
+
+def test_cycle_knob_reaches_any_budget_with_new_crops(tmp_path):
+    spec = _clear_and_opaque(tmp_path / "p")
+    knobs = {"crop_area": "0.1,1", "background": "random"}
+    ends = NpdStream(spec, (8, 8, 1), crops_per_image=2, preparation=_prep(**knobs))
+    assert ends.length == 4 and ends.item(4) is None
+    cycles = NpdStream(spec, (8, 8, 1), crops_per_image=2, preparation=_prep(cycle=True, **knobs))
+    assert cycles.length is None
+    items = [cycles.item(k) for k in range(40)]
+    assert items[4].source_id.endswith("#p1crop0")
+    assert len({i.image.tobytes() for i in items}) > 30  # new crops on every pass
+
+
+def test_preparation_is_a_pure_function_of_spec_seed_and_index(tmp_path):
+    spec = _clear_and_opaque(tmp_path / "p")
+    prep = _prep(background="random", invert=0.5, jitter=0.3, blur=0.3, crop_area="0.02,1")
+    prep = Preparation.parse(**{**_knobs(prep), "cycle": True})
+    a = NpdStream(spec, (16, 16, 3), seed=4, crops_per_image=3, preparation=prep)
+    b = NpdStream(spec, (16, 16, 3), seed=4, crops_per_image=3, preparation=prep)
+    forward = [a.item(k).image for k in range(30)]
+    for k in reversed(range(30)):  # any order of access, another stream object
+        np.testing.assert_array_equal(b.item(k).image, forward[k])
+    c = NpdStream(spec, (16, 16, 3), seed=5, crops_per_image=3, preparation=prep)
+    assert sum(np.array_equal(c.item(k).image, forward[k]) for k in range(30)) < 3
+
+
+def _knobs(prep):
+    return {
+        "background": ",".join(prep.backgrounds),
+        "invert": prep.invert,
+        "jitter": prep.jitter,
+        "blur": prep.blur,
+        "crop_area": ",".join(map(str, prep.crop_area)),
+        "crop_aspect": ",".join(map(str, prep.crop_aspect)),
+        "cycle": prep.cycle,
+        "adapt_after": prep.adapt_after,
+    }
+
+
+@pytest.mark.parametrize(
+    "knob,value,fragment",
+    [
+        ("background", "purple", "--npd_background"),
+        ("invert", 1.5, "--npd_invert"),
+        ("crop_area", "0.5,0.1", "--npd_crop_area"),
+        ("crop_area", "x", "--npd_crop_area"),
+        ("jitter", -1.0, "--npd_jitter"),
+    ],
+)
+def test_bad_preparation_knobs(knob, value, fragment):
+    with pytest.raises(UserInputError, match=fragment):
+        _prep(**{knob: value})
+
+
+def test_new_generators_are_varied_not_noise():
+    for name in ("shapes", "leaves"):
+        rng = np.random.default_rng(0)
+        batch = np.stack([GENERATORS[name](rng, 28, 28, 1) for _ in range(64)])
+        # Smooth regions (neighbours alike), yet varied brightness and polarity.
+        assert (np.abs(np.diff(batch.astype(int), axis=2)) < 8).mean() > 0.6
+        means = batch.reshape(64, -1).mean(axis=1)
+        assert means.min() < 80 and means.max() > 170
+
+
+def test_adapted_weights_favour_arms_answered_with_rare_labels():
+    from copycat_tf.data.preparation import ARM_FLOOR, adapted_weights
+
+    # Arm 0 always gets the common label 0; arm 1 a spread of rare ones; arm 2 no answers.
+    answers = [(0, 0)] * 90 + [(1, c) for c in (1, 2, 3, 4, 5)] * 2
+    weights, bits = adapted_weights(3, answers, num_classes=6)
+    assert abs(weights.sum() - 1) < 1e-9 and weights.min() >= ARM_FLOOR - 1e-9
+    assert weights[1] > weights[2] > weights[0] and bits[1] > bits[0]
+
+
+def test_adaptive_stream_explores_then_draws_arms_by_weight(tmp_path):
+    spec = _clear_and_opaque(tmp_path / "p")
+    knobs = {"background": "black,white", "invert": 0.0, "cycle": True}
+    plain = NpdStream(spec, (8, 8, 1), preparation=_prep(**knobs))
+    adaptive = NpdStream(spec, (8, 8, 1), preparation=_prep(adapt_after=10, **knobs))
+    assert adaptive.adapts and not plain.adapts
+    for k in range(10):  # the exploration is the plain stream
+        np.testing.assert_array_equal(adaptive.item(k).image, plain.item(k).image)
+    with pytest.raises(RuntimeError, match="arm weights"):
+        adaptive.item(10)
+    adaptive.arm_weights = np.array([0.0, 1.0])  # white only
+    arms = {adaptive.arm(k) for k in range(10, 60)}
+    assert arms == {1}
+    clear = [adaptive.item(k) for k in range(10, 60)]
+    clear = [i.image for i in clear if i.source_id.startswith("clear")]
+    assert clear and all((c == 255).all() for c in clear)

@@ -10,10 +10,14 @@ from cli_util import error_lines, run_verb
 from server_util import ServerProcess
 from tensorboard.backend.event_processing import event_accumulator
 
-from copycat_tf.attack.harvest import HarvestConfig, harvest
+from copycat_tf.attack.steal import StealConfig
+from copycat_tf.attack.steal import steal as run_steal
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.images import decode_png
+from copycat_tf.data.preparation import Preparation
 from copycat_tf.errors import UserInputError
+from copycat_tf.recipe import Recipe
+from copycat_tf.targets.retry import RetryPolicy
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +27,22 @@ def server(tiny_export):
 
 
 def steal(output_dir, target, budget=90, **overrides):
-    config = HarvestConfig(
+    """steal() with small batches and shards; retry settings may be given flat."""
+    names = ("timeout_s", "max_retries", "backoff_base_s")
+    retry = {k: overrides.pop(k) for k in names if k in overrides}
+    config = StealConfig(
         target=target,
         npd=overrides.pop("npd", "synthetic:dead_leaves"),
         output_dir=str(output_dir),
         query_budget=budget,
         query_batch_size=overrides.pop("query_batch_size", 16),
         records_per_shard=overrides.pop("records_per_shard", 32),
+        crops_per_image=overrides.pop("crops_per_image", 1),
+        retry=RetryPolicy(**retry),
         progress=False,
         **overrides,
     )
-    return harvest(config)
+    return run_steal(config)
 
 
 def layout(directory):
@@ -142,6 +151,7 @@ def test_corrupt_npd_files_are_skipped_and_listed(server, tmp_path):
         budget=100,
         npd=f"folder:{folder}",
         crops_per_image=2,
+        preparation=Preparation.of(Recipe(npd_cycle=False)),
     )
     assert m["status"] == "exhausted"
     assert m["records"] == 7 * 2 and m["skipped"]["count"] == 2 * 2
@@ -168,15 +178,19 @@ def test_workers_split_the_stream(server, tmp_path):
 def test_tensorboard_summaries(server, tmp_path):
     steal(tmp_path / "t", f"grpc://{server.grpc_target}/m", budget=40)
     acc = event_accumulator.EventAccumulator(
-        str(tmp_path / "t" / "tensorboard" / "harvest"), size_guidance={"tensors": 0}
+        str(tmp_path / "t" / "tensorboard" / "steal"), size_guidance={"tensors": 0}
     )
     acc.Reload()
     assert {
-        "harvest/queries_spent",
-        "harvest/images_per_second",
-        "harvest/stolen_labels",
-        "harvest/npd_samples",
+        "steal/queries_spent",
+        "steal/images_per_second",
+        "steal/stolen_labels",
+        "steal/top_class_share",
+        "steal/label_entropy_bits",
+        "steal/npd_samples",
     } <= set(acc.Tags()["tensors"])
+    # The label histogram is a time series, not only a final picture.
+    assert len(acc.Tensors("steal/stolen_labels")) >= 2
 
 
 def test_steal_cli_end_to_end(server, tmp_path):
@@ -262,3 +276,220 @@ def test_resume_on_another_port_and_api(server, tiny_export, tmp_path):
     steal(tmp_path / "one", f"grpc://{server.grpc_target}/m", budget=60)
     # Same records (an extended budget closes the first run's last shard early).
     assert layout(tmp_path / "r")[1] == layout(tmp_path / "one")[1]
+
+
+def _save_model(path, scores_of, constant=False):
+    """A 16x16x1, 3-class SavedModel with the target signature whose `scores` output is
+    scores_of(probabilities), e.g. another dtype than the contract's float32; `constant`
+    answers class 0 for everything."""
+
+    class Model(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 1], tf.uint8, name="images")])
+        def serve(self, images):
+            x = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2, 3])
+            probabilities = tf.nn.softmax(tf.stack([x, 255 - x, tf.abs(x - 128)], axis=1) / 40)
+            if constant:
+                probabilities = tf.one_hot(tf.zeros_like(x, tf.int32), 3)
+            return {
+                "scores": scores_of(probabilities),
+                "classes": tf.argmax(probabilities, axis=1, output_type=tf.int64),
+            }
+
+    model = Model()
+    tmp = f"{path}.tmp"
+    tf.saved_model.save(model, tmp, signatures={"serving_default": model.serve})
+    os.rename(tmp, path)  # a version directory appears complete
+
+
+def test_float16_scores_are_stolen_as_float32(tmp_path):
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: tf.cast(p, tf.float16))
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        steal(tmp_path / "g", f"grpc://{s.grpc_target}/m", 20, label_mode="scores")
+        steal(tmp_path / "r", f"{s.rest}/v1/models/m", 20, label_mode="scores")
+    for name in ("g", "r"):
+        for r in fd.read_records(str(tmp_path / name)):
+            assert r["scores"].dtype == np.float32 and r["scores"].shape == (3,)
+            assert abs(r["scores"].sum() - 1) < 1e-2 and r["scores"].argmax() == r["label"]
+
+
+def test_an_answer_of_the_wrong_type_stops_the_steal_cleanly(tmp_path):
+    """The target is replaced mid-steal by a version answering string scores."""
+    import threading
+    import time
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)
+    out = tmp_path / "d"
+    errors = []
+    config = tmp_path / "models.config"
+    policy = "model_version_policy { all {} }"
+    entry = f"name: 'm' base_path: '{base}' {policy}"
+    config.write_text(f"model_config_list {{ config {{ {entry} }} }}")
+    with ServerProcess(
+        f"--model_config_file={config}",
+        "--file_system_poll_wait_seconds=0.2",
+        "--inject_latency_ms=40",
+    ) as s:
+        target = f"grpc://{s.grpc_target}/m"
+
+        def run():
+            try:
+                steal(out, target, 10**5, query_batch_size=8, max_in_flight=1, label_mode="scores")
+            except UserInputError as e:
+                errors.append(str(e))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not (out / "manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _save_model(str(base / "2"), tf.strings.as_string)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        assert errors, "the steal did not stop"
+        assert "output 'scores'" in errors[0] and "expected floating-point" in errors[0]
+        m = fd.read_manifest(str(out))
+        assert m["status"] == "stopped" and 0 < m["queries_spent"] < 100_000
+        # Nothing answered is lost: the same dataset continues against version 1 (every
+        # version is served; unversioned requests reach the newest).
+        spent = m["queries_spent"]
+        m = steal(out, f"{target}/versions/1", spent + 8, query_batch_size=8, label_mode="scores")
+    assert m["status"] == "complete" and m["records"] == spent + 8
+    assert [r["query_index"] for r in fd.read_records(str(out))] == list(range(spent + 8))
+
+
+def test_skewed_labels_and_an_exhausted_stream_are_reported_at_once(tmp_path):
+    """A target answering one class for everything, and a folder that runs out."""
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p, constant=True)
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        image = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    out = tmp_path / "d"
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        proc = run_verb(
+            "steal",
+            f"--target=grpc://{s.grpc_target}/m",
+            f"--npd=folder:{folder}",
+            f"--output_dir={out}",
+            "--query_budget=100",
+            "--crops_per_image=4",
+            "--nonpd_cycle",
+            "--skew_check_after=10",
+            "--query_batch_size=8",
+            "--noprogress",
+        )
+    assert proc.returncode == 0, proc.stderr
+    m = fd.read_manifest(str(out))
+    assert m["status"] == "exhausted" and m["queries_spent"] == 20 == m["npd_exhausted_at"]
+    assert "ends before the budget: only 20 of the 100 queries" in proc.stderr
+    assert "--npd_cycle" in proc.stderr
+    assert "the NPD stream ended before the budget: 20 of 100 queries spent" in proc.stdout
+    warning = m["label_skew_warning"]
+    assert "class 0 holds 100%" in warning and "never answered" in warning
+    assert warning in proc.stderr and "--npd_background" in warning
+    stats = m["label_statistics"]
+    assert stats["top_share"] == 1.0 and stats["entropy_bits"] == 0.0
+    assert "top class 0 at 100%, label entropy 0.00 of 1.58 bits" in proc.stdout
+
+
+def test_adaptive_preparation_resumes_with_the_same_choices(tmp_path):
+    """Explore-then-commit over backgrounds: the weights come from the exploration's
+    answers, and a steal stopped before or after that point continues identically."""
+    from PIL import Image
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)  # its class follows the mean brightness
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # transparent pictures: the background decides what is seen
+        rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(rng.random((24, 24)) < 0.85, 0, 255)
+        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+    prep = Preparation.of(Recipe(npd_adapt_after=48, npd_background="black,white,grey"))
+    settings = dict(npd=f"folder:{folder}", preparation=prep, crops_per_image=2)
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        target = f"grpc://{s.grpc_target}/m"
+        whole = steal(tmp_path / "whole", target, 160, **settings)
+        steal(tmp_path / "parts", target, 30, **settings)  # stops inside the exploration
+        steal(tmp_path / "parts", target, 100, **settings)  # crosses it
+        parts = steal(tmp_path / "parts", target, 160, **settings)  # resumes after it
+    adaptation = whole["npd_adaptation"]
+    assert adaptation["after"] == 48 and adaptation["answers"] == 48
+    weights = [a["weight"] for a in adaptation["arms"]]
+    assert len(weights) == 6 and abs(sum(weights) - 1) < 1e-3 and max(weights) > 1.3 * min(weights)
+    assert parts["npd_adaptation"] == adaptation
+    assert layout(tmp_path / "parts")[1] == layout(tmp_path / "whole")[1]
+
+
+def test_kill_and_resume_with_preparation_and_adaptation(tmp_path):
+    """kill -9 in the middle of a prepared, adaptive folder steal; the resumed dataset is
+    the uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cli_util import REPO
+    from PIL import Image
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        rgba = rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(rng.random((30, 30)) < 0.7, 0, 255)
+        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    with ServerProcess(
+        f"--model_base_path={base}", "--model_name=m", "--inject_latency_ms=60"
+    ) as s:
+
+        def command(out):
+            return [
+                sys.executable,
+                "-m",
+                "copycat_tf.steal",
+                f"--target=grpc://{s.grpc_target}/m",
+                f"--npd=folder:{folder}",
+                f"--output_dir={out}",
+                "--query_budget=400",
+                "--query_batch_size=8",
+                "--max_in_flight=2",
+                "--records_per_shard=50",
+                "--crops_per_image=3",
+                "--npd_adapt_after=120",
+                "--noprogress",
+            ]
+
+        clean = subprocess.run(command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True)
+        assert clean.returncode == 0, clean.stderr
+        kills = 0
+        for wait in (5.0, 7.5):  # TF import ~3 s, then stealing
+            proc = subprocess.Popen(
+                command(tmp_path / "killed"),
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(wait)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        final = subprocess.run(
+            command(tmp_path / "killed"), env=env, cwd=REPO, capture_output=True, text=True
+        )
+        assert final.returncode == 0, final.stderr
+    assert kills >= 1
+    assert layout(tmp_path / "killed") == layout(tmp_path / "clean")
+    killed = fd.read_manifest(str(tmp_path / "killed"))
+    assert killed["npd_adaptation"] == fd.read_manifest(str(tmp_path / "clean"))["npd_adaptation"]

@@ -1,48 +1,141 @@
-"""The study driver's table and plot builders."""
+"""The study: its plan, its write-up, and a tiny study end to end (results written by code)."""
 
-import tensorflow as tf
+import json
+import os
 
-from copycat_tf import study, viz
+from cli_util import run_verb
 
-
-def _row(name, group, queries, acc, f1, agree):
-    report = {
-        "copycat": {"accuracy": acc, "macro_f1": f1},
-        "agreement": agree,
-        "ratio": {"accuracy": acc / 0.9, "macro_f1": f1 / 0.8},
-    }
-    return study.Row(name, group, queries, "synthetic:noise", "replicate", report, 1.0)
+from copycat_tf.recipe import Recipe
+from copycat_tf.studies import results
+from copycat_tf.studies.plan import PARTS, PlanSettings, build_plan
 
 
-TARGET = {"accuracy": 0.9, "macro_f1": 0.8}
-
-
-def test_table_rows_and_markdown():
-    rows = study.table_rows(TARGET, [_row("npd", "table", 50000, 0.45, 0.4, 0.5)])
-    assert rows[0] == ["target", "-", "0.9000", "0.8000", "-", "-", "-"]
-    assert rows[1] == ["npd", "50,000", "0.4500", "0.4000", "0.5000", "50.0%", "50.0%"]
-    md = study.markdown_table(study.HEADER, rows)
-    lines = md.splitlines()
-    assert lines[0].startswith("| model | queries |") and lines[1] == "|" + "---|" * 7
-    assert lines[3] == "| npd | 50,000 | 0.4500 | 0.4000 | 0.5000 | 50.0% | 50.0% |"
-
-
-def test_study_markdown_groups_rows_under_titles():
-    text = study.study_markdown(
-        TARGET,
-        [
-            _row("a", "budget", 5000, 0.3, 0.2, 0.3),
-            _row("b", "budget", 10000, 0.4, 0.3, 0.4),
-            _row("c", "sources", 50000, 0.5, 0.4, 0.5),
-        ],
+def test_plan_steals_and_trains_nothing_twice():
+    plan = build_plan(
+        PlanSettings(
+            recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+            budgets=(500, 1000, 2000),
+            variant_budget=500,
+            data_free="shapes",
+            pd_budget=300,
+            pd_data="fashion_mnist",
+            parts=tuple(PARTS),
+        )
     )
-    assert text.index("### Query-budget curve") < text.index("| a |") < text.index("| b |")
-    assert text.index("### NPD sources") < text.index("| c |")
-    assert text.count("| target |") == 2
+    # One natural steal of the largest budget serves the whole curve and the comparisons.
+    assert plan.datasets["natural"].recipe.query_budget == 2000
+    assert plan.datasets["pd"].recipe.crops_per_image == 1
+    assert plan.runs["npd_500"].max_records == 500
+    reference = [row for row in plan.rows if row.run == "npd_1k"]
+    assert {row.group for row in reference} == {"table", "budget", "sources", "balance", "copycat"}
+    # Comparisons at the variant budget share the reference recipe's first 500 queries.
+    small = {row.group for row in plan.rows if row.run == "npd_500"}
+    assert small == {"budget", "preparation", "generators", "label_modes"}
+    assert plan.datasets["prep_white"].recipe.npd_background == "white"
+    assert plan.datasets["gen_leaves"].recipe.npd == "synthetic:leaves"
+    assert plan.runs["labels_scores"].recipe.label_mode == "scores"
+    assert plan.runs["npd_pd"].pd_dataset == "pd"
+    assert {"balance_resample", "balance_none"} <= set(plan.runs)
+    assert len(plan.runs) == len(set(plan.runs))
 
 
-def test_budget_curve_figure(tmp_path):
-    fig = study.budget_curve_figure([(5000, 0.3, 0.2, 0.35), (50000, 0.6, 0.5, 0.62)])
-    array = viz.save_figure(fig, str(tmp_path / "curve.png"))
-    assert array.ndim == 3 and array.shape[-1] == 3
-    assert tf.io.decode_png((tmp_path / "curve.png").read_bytes()).shape[0] > 100
+def _run(**fields):
+    return {
+        "key": {"recipe": {"npd": "synthetic:noise", "epochs": 1}},
+        "queries": 500,
+        "accuracy": 0.45,
+        "macro_f1": 0.4,
+        "agreement": 0.5,
+        "ratio_accuracy": 0.5,
+        "ratio_macro_f1": 0.5,
+        "stages": {"npd": {"records": 500, "train_seconds": 12.0}},
+        "evaluate_seconds": 1.0,
+        "measured": "2026-11-30",
+        **fields,
+    }
+
+
+def test_render_tables_and_plot(tmp_path):
+    study = {
+        "name": "tiny",
+        "command": "python -m copycat_tf.study --flagfile=x.flags",
+        "machine": {"cores": 2, "cpu": "cpu", "gpus": 0, "tensorflow": "2.21.0", "python": "3"},
+        "target": {
+            "model": "small_cnn",
+            "pd_data": "fashion_mnist",
+            "epochs": 2,
+            "best_epoch": 2,
+            "accuracy": 0.9,
+            "macro_f1": 0.8,
+            "test_images": 40,
+            "train_seconds": 30.0,
+        },
+        "datasets": {},
+        "runs": {"a": _run(), "b": _run(queries=1000, accuracy=0.6, ratio_accuracy=0.6667)},
+        "rows": [
+            {"group": "budget", "label": "500 queries", "run": "a"},
+            {"group": "budget", "label": "1,000 queries", "run": "b"},
+        ],
+        "parts": ["budget"],
+    }
+    (tmp_path / results.PREFACE_MD).write_text("Hand-written context.\n")
+    results.write_results(str(tmp_path), study)
+    text = (tmp_path / results.RESULTS_MD).read_text()
+    assert text.startswith("# Results: tiny\n\nHand-written context.\n")
+    assert "python -m copycat_tf.study --flagfile=x.flags" in text
+    assert "| target | - | 0.9000 | 0.8000 | - | - | - | 30 s |" in text
+    assert "| 1,000 queries | 500 | 0.6000 | 0.4000 | 0.5000 | 66.7% | 50.0% | 12 s |" in text
+    assert "![query-budget curve](budget_curve.png)" in text
+    png = (tmp_path / results.BUDGET_PLOT).read_bytes()
+    results.write_results(str(tmp_path), study)
+    assert (tmp_path / results.BUDGET_PLOT).read_bytes() == png  # deterministic plot
+
+
+def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
+    flags = [
+        f"--results_dir={tmp_path / 'results'}",
+        f"--workdir={tmp_path / 'work'}",
+        f"--target_workdir={tmp_path / 'target'}",
+        f"--model_base_path={tmp_path / 'models'}",
+        f"--data_dir={fashion_dir}",
+        "--npd=synthetic:dead_leaves",
+        "--query_budget=200",
+        "--budgets=100,200",
+        "--pd_budget=60",
+        "--epochs=1",
+        "--finetune_epochs=1",
+        "--target_epochs=2",
+        "--parts=table,budget,balance",
+        "--name=tiny",
+    ]
+    proc = run_verb("study", *flags, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "results"
+    study = json.loads((out / "study.json").read_text())
+    assert set(study["runs"]) == {
+        "npd_200",
+        "npd_100",
+        "npd_pd",
+        "pd_only",
+        "balance_resample",
+        "balance_none",
+    }
+    assert study["datasets"]["natural"]["queries_spent"] == 200
+    assert study["datasets"]["pd"]["queries_spent"] == 60
+    assert study["runs"]["npd_pd"]["queries"] == 200 + 60
+    text = (out / "RESULTS.md").read_text()
+    for title in ("The paper's table", "Query-budget curve", "Class balancing", "Fake datasets"):
+        assert f"## {title}" in text
+    assert "--query_budget=200" in text and "Machine: " in text
+    assert (out / "budget_curve.png").exists()
+    work = tmp_path / "work"
+    assert (work / "flags.txt").exists() and (work / "config.json").exists()
+    # The same command again measures nothing new and writes the same bytes.
+    first = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    proc = run_verb("study", *flags, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == first
+    (out / "RESULTS.md").unlink()
+    proc = run_verb("study", *flags, "--render_only", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "RESULTS.md").read_bytes() == first["RESULTS.md"]

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny config: checkpoints, resume, TensorBoard, learning."""
 
+import dataclasses
 import json
 import os
 
@@ -9,12 +10,13 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from copycat_tf.data import problem_domain
 from copycat_tf.models import registry
+from copycat_tf.recipe import Recipe
 from copycat_tf.training import trainer
 
 
 def _fit(domain, workdir, epochs, **overrides):
     settings = {"batch_size": 16, "learning_rate": 3e-3, "verbose": 0, **overrides}
-    config = trainer.TrainConfig(epochs=epochs, **settings)
+    config = dataclasses.replace(Recipe().train_config(), epochs=epochs, **settings)
     return trainer.train_classifier(
         lambda: registry.build_model("small_cnn", domain.input_shape, domain.num_classes),
         domain.split("train"),
@@ -99,3 +101,23 @@ def test_best_epoch_weights_are_restored(domain, tmp_path):
     batches = domain.split("validation").batch(64).map(lambda x, y: (tf.cast(x, "float32"), y))
     scores = trainer.evaluate_model(result.model, batches, domain.num_classes)
     assert scores["accuracy"] == pytest.approx(best["eval/accuracy"])
+
+
+@pytest.mark.parametrize("name", ["flip", "geometric"])
+def test_augmentation_keeps_images_and_labels_aligned(name):
+    """Constant images whose value encodes the label stay constant under the augmenter
+    (reflected borders), so any mix-up of images and labels would show."""
+    import numpy as np
+
+    from copycat_tf.data import augment, batches
+
+    labels = np.arange(64) % 8
+    images = np.repeat((20 * labels + 10).astype(np.uint8), 16 * 16).reshape(64, 16, 16, 1)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    augmenter = augment.build_augmenter(name, (16, 16, 1), seed=3)
+    seen = 0
+    for x, y in batches.training_batches(ds, 16, augmenter, shuffle_buffer=64, seed=1):
+        x, y = x.numpy(), y.numpy()
+        np.testing.assert_allclose(x.reshape(len(x), -1).mean(axis=1), 20 * y + 10, atol=0.5)
+        seen += len(y)
+    assert seen == 64

@@ -7,9 +7,7 @@ never contains them.
 
 from __future__ import annotations
 
-import keras
-
-AUGMENTERS = ("none", "flip", "flip_translate", "randaugment")
+AUGMENTERS = ("none", "flip", "flip_translate", "geometric", "randaugment")
 
 
 def build_augmenter(name: str, input_shape: tuple[int, int, int], seed: int = 0):
@@ -25,6 +23,8 @@ def build_augmenter(name: str, input_shape: tuple[int, int, int], seed: int = 0)
     """
     if name == "none":
         return None
+    import keras
+
     if name == "flip":
         return keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed)])
     if name == "flip_translate":
@@ -32,6 +32,18 @@ def build_augmenter(name: str, input_shape: tuple[int, int, int], seed: int = 0)
             [
                 keras.layers.RandomFlip("horizontal", seed=seed),
                 keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+            ]
+        )
+    if name == "geometric":
+        # Small shifts, flips, rotations and zooms with reflected borders: a constant image
+        # stays constant, and a copycat sees each stolen image in many poses (replicated
+        # minority-class images are not memorised as they are).
+        return keras.Sequential(
+            [
+                keras.layers.RandomFlip("horizontal", seed=seed),
+                keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 1),
+                keras.layers.RandomRotation(0.03, fill_mode="reflect", seed=seed + 2),
+                keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 3),
             ]
         )
     if name == "randaugment":

@@ -33,7 +33,11 @@ LABEL_STOLEN = "label/stolen"
 LABEL_SCORES = "label/scores"
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: "harvest_seconds" became "steal_seconds" and the NPD record gained "preparation";
+# version-1 manifests are read (upgraded in memory, written back as version 2 when a steal
+# resumes them with --npd_legacy, which reproduces their pixels).
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def shard_name(index: int, planned: int) -> str:
@@ -134,11 +138,21 @@ def read_manifest(directory: str) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         raise UserInputError(f"fake dataset manifest {path} is unreadable: {e}") from e
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserInputError(
             f"fake dataset manifest {path} has schema_version {version!r}; this copycat_tf "
-            f"reads version {SCHEMA_VERSION}. Re-create it with this version's steal"
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-create it with this "
+            "version's steal"
         )
+    return _upgrade(manifest)
+
+
+def _upgrade(manifest: dict) -> dict:
+    """A manifest of any readable version as the current version."""
+    if manifest["schema_version"] == 1:
+        manifest["steal_seconds"] = manifest.pop("harvest_seconds", 0.0)
+        manifest["npd"]["preparation"] = {"legacy": True}
+        manifest["schema_version"] = 2
     return manifest
 
 
@@ -183,7 +197,6 @@ def read_records(directory: str, verify: bool = True) -> list[dict]:
 
 # ----------------------------------------------------------------------------- reading
 
-BALANCE_MODES = ("none", "replicate", "resample")
 _HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads query indices evenly
 
 
@@ -267,6 +280,21 @@ class FakeData:
         return records
 
 
+def index_labels(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(query indices, stolen labels) of every record in the shard files, in file order
+    (only those two features are parsed)."""
+    spec = {
+        QUERY_INDEX: tf.io.FixedLenFeature([], tf.int64),
+        LABEL_STOLEN: tf.io.FixedLenFeature([], tf.int64),
+    }
+    indices, labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    raw = tf.data.TFRecordDataset(paths).batch(4096)
+    for batch in raw.map(lambda r: tf.io.parse_example(r, spec)):
+        indices.append(batch[QUERY_INDEX].numpy())
+        labels.append(batch[LABEL_STOLEN].numpy())
+    return np.concatenate(indices), np.concatenate(labels)
+
+
 def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:
     """Opens fake dataset directories, verifying shards against their manifests.
 
@@ -316,71 +344,10 @@ def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:
         has_scores=first["label_mode"] != "hard",
         target=first["target"],
     )
-    labels, indices = [], []
-    spec = {
-        QUERY_INDEX: tf.io.FixedLenFeature([], tf.int64),
-        LABEL_STOLEN: tf.io.FixedLenFeature([], tf.int64),
-    }
-    raw = tf.data.TFRecordDataset(paths).batch(4096)
-    for batch in raw.map(lambda r: tf.io.parse_example(r, spec)):
-        labels.append(batch[LABEL_STOLEN].numpy())
-        indices.append(batch[QUERY_INDEX].numpy())
-    data.labels = np.concatenate(labels)
-    data.query_indices = np.concatenate(indices)
+    data.query_indices, data.labels = index_labels(paths)
     if len(data.labels) != total:
         raise UserInputError(
             f"fake dataset {', '.join(directories)}: shards hold {len(data.labels)} records, "
             f"manifests say {total}; re-run steal to repair"
         )
     return data
-
-
-def class_targets(counts: np.ndarray, mode: str) -> np.ndarray:
-    """Records per class in one balanced epoch.
-
-    replicate (the 2021 paper): classes under N/C are replicated up to N/C, the others
-    kept; resample: every present class exactly N/C; none: as stolen. N is the number of
-    records, C the number of classes with at least one record.
-    """
-    if mode not in BALANCE_MODES:
-        raise ValueError(f"unknown balance {mode!r}; valid: {', '.join(BALANCE_MODES)}")
-    counts = np.asarray(counts, np.int64)
-    present = counts > 0
-    if mode == "none" or not present.any():
-        return counts.copy()
-    share = int(counts.sum() // present.sum())
-    if mode == "replicate":
-        return np.where(present, np.maximum(counts, share), 0)
-    return np.where(present, share, 0)
-
-
-def balanced(
-    ds: tf.data.Dataset, counts: np.ndarray, mode: str, seed: int = 0
-) -> tuple[tf.data.Dataset, np.ndarray]:
-    """Re-weights a (image, label, ...) dataset so each epoch has `class_targets` records.
-
-    Each class is read from its own (cycled, shuffled) stream and drawn in a shuffled
-    order with exact per-class counts, so a replicated minority class shows each of its
-    images about equally often. Returns (dataset of one epoch, records per class).
-    """
-    targets = class_targets(counts, mode)
-    if mode == "none":
-        return ds, targets
-    # One cached stream per class: after the first epoch a minority class is read from
-    # its own small cache instead of by filtering the whole dataset again and again.
-    streams = [
-        ds.filter(lambda *e, c=c: tf.equal(e[1], c))
-        .cache()
-        .shuffle(max(int(counts[c]), 1), seed=seed + c, reshuffle_each_iteration=True)
-        .repeat()
-        for c in range(len(counts))
-    ]
-    choice = np.repeat(np.arange(len(counts), dtype=np.int64), targets)
-
-    def epoch_order(_):
-        return tf.data.Dataset.from_tensor_slices(tf.random.shuffle(choice, seed=seed))
-
-    # A new shuffled class order every epoch (the choice dataset is re-made per iteration).
-    order = tf.data.Dataset.range(1).flat_map(epoch_order)
-    epoch = tf.data.Dataset.choose_from_datasets(streams, order)
-    return epoch.apply(tf.data.experimental.assert_cardinality(int(targets.sum()))), targets

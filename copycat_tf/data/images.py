@@ -58,6 +58,18 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+def box_pixels(size: tuple[int, int], height: int, width: int, box) -> tuple:
+    """A relative box (x0, y0, x1, y1) in pixels of a picture of `size` (w, h); for None
+    the largest centred box with the aspect ratio width/height."""
+    w, h = size
+    if box is None:
+        target = width / height
+        cw, ch = (h * target, h) if w / h > target else (w, w / target)
+        x0, y0 = (w - cw) / 2, (h - ch) / 2
+        return (x0, y0, x0 + cw, y0 + ch)
+    return (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+
+
 def crop_and_resize(
     image: Image.Image,
     shape: tuple[int, int, int],
@@ -69,14 +81,75 @@ def crop_and_resize(
     """
     height, width, channels = shape
     image = to_mode(image, channels)
-    w, h = image.size
-    if box is None:
-        target = width / height
-        cw, ch = (h * target, h) if w / h > target else (w, w / target)
-        x0, y0 = (w - cw) / 2, (h - ch) / 2
-        pixels = (x0, y0, x0 + cw, y0 + ch)
-    else:
-        pixels = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+    pixels = box_pixels(image.size, height, width, box)
     resized = image.resize((width, height), Image.Resampling.BILINEAR, box=pixels, reducing_gap=3.0)
     array = np.asarray(resized, np.uint8)
     return array[..., None] if array.ndim == 2 else array
+
+
+# ----------------------------------------------------------------------------- preparation
+# Natural NPD pictures are decoded once into RGBA, shrunk to a working size, then each NPD
+# item crops and resizes that picture to the target's size and composites it over a
+# background there (cheap at 28x28, whatever the picture's size).
+
+
+def working_picture(data: bytes, max_side: int) -> Image.Image:
+    """A decoded picture as RGBA, shrunk (never enlarged) so its longer side is max_side.
+
+    Raises:
+      ValueError: the bytes are not a readable image.
+    """
+    image = open_image(data)
+    rgba = image.convert("RGBA")
+    scale = max_side / max(rgba.size)
+    if scale < 1:
+        size = (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale)))
+        rgba = rgba.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return rgba
+
+
+def crop_rgba(
+    picture: Image.Image, height: int, width: int, box: tuple[float, float, float, float] | None
+) -> np.ndarray:
+    """The relative box (x0, y0, x1, y1) of an RGBA picture resized to (height, width), as
+    float32 [H, W, 4] in [0, 1]; None is the largest centred crop of the target's aspect.
+    Colours under transparent pixels do not bleed (Pillow resizes RGBA premultiplied)."""
+    pixels = box_pixels(picture.size, height, width, box)
+    resized = picture.resize((width, height), Image.Resampling.BILINEAR, box=pixels)
+    return np.asarray(resized, np.float32) / 255.0
+
+
+def composite(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """RGB float [H, W, 3] of an RGBA float image over an RGB float background."""
+    alpha = rgba[..., 3:]
+    return rgba[..., :3] * alpha + background * (1.0 - alpha)
+
+
+def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
+    """Float RGB -> float [H, W, channels] (grey by ITU-R 601 luma, as PIL's "L")."""
+    if channels == 3:
+        return rgb
+    luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    return luma[..., None]
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a float [H, W, C] image (edges repeated)."""
+    radius = max(1, int(np.ceil(2.5 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
+    taps /= taps.sum()
+    out = image
+    for axis in (0, 1):
+        padded = np.pad(
+            out, [(radius, radius) if a == axis else (0, 0) for a in range(3)], mode="edge"
+        )
+        length = out.shape[axis]
+        out = sum(
+            t * np.take(padded, np.arange(i, i + length), axis=axis) for i, t in enumerate(taps)
+        )
+    return out
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float [0, 1] -> uint8 [0, 255] (rounded, clipped)."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)

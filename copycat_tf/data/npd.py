@@ -8,34 +8,39 @@ One spec string selects a source (see `parse_npd_spec`):
   pd:<problem-domain spec>      problem-domain images, labels dropped (e.g.
                                 pd:fashion_mnist:train), for the NPD+PD fine-tuning data:
                                 the target labels them, ground truth is never read
-  synthetic:noise               uniform noise, needs no data
-  synthetic:dead_leaves         occluding disks and squares of random grey levels or colours
-                                with power-law sizes (the "dead leaves" model), no data
+  synthetic:<generator>         procedural images that need no data (GENERATORS)
   mix:<w>*<spec>|<w>*<spec>...  a weighted mixture, e.g.
-                                mix:0.5*folder:/usr/share/openclipart/png|0.5*synthetic:dead_leaves
+                                mix:0.5*folder:/usr/share/openclipart/png|0.5*synthetic:shapes
 
-The stream is indexed: item k is a pure function of (spec, seed, k), so a run can resume at
-any index, and `shard_index/num_shards` split the indices between workers (k mod num_shards).
-Images come out cropped/resized to the target's (H, W) and converted to its channels; with
-`crops_per_image=r`, each source image gives r items: the centred full view, then r-1
-random crops.
+The stream is indexed: item k is a pure function of (spec, seed, k, preparation), so a run
+can resume at any index, and `shard_index/num_shards` split the indices between workers
+(k mod num_shards). Pictures of folder: and tfds: sources are prepared for the target
+(data.preparation: crops, background, polarity, jitter, blur) at its (H, W, C); each
+picture gives `crops_per_image` items, its full view first, and with `cycle` a finite
+source starts over with new random crops instead of ending. pd: items are the problem
+domain's pixels as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 
 from copycat_tf.data import images
+from copycat_tf.data.generators import GENERATORS
+from copycat_tf.data.preparation import LEGACY, Preparation
 from copycat_tf.data.problem_domain import list_images, looks_like_image
 from copycat_tf.errors import UserInputError
 
 NPD_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
-GENERATORS = ("noise", "dead_leaves")
 _MIX_CHUNK = 4096
+# Pictures are decoded once and shrunk to this many times the target's size: enough
+# resolution for the smallest crops, cheap to crop again and again.
+_WORKING_SCALE = 8
 
 
 @dataclasses.dataclass
@@ -65,37 +70,8 @@ class _Synthetic:
             )
         self.name = name
 
-    def item(self, local: int, shape, rng: np.random.Generator, crop: int) -> NpdItem:
-        h, w, c = shape
-        if self.name == "noise":
-            image = rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)
-        else:
-            image = dead_leaves(rng, h, w, c)
-        return NpdItem(-1, image, f"{self.name}/{local}")
-
-
-def dead_leaves(rng: np.random.Generator, h: int, w: int, c: int, shapes: int = 160):
-    """A dead-leaves image: shapes painted front to back, each hiding what lies behind.
-
-    Radii follow the scale-invariant density r^-3 between 1.5% and 60% of the image size,
-    which gives natural-image-like edge and size statistics without any data.
-    """
-    size = max(h, w)
-    r_min, r_max = 0.015 * size + 0.5, 0.6 * size
-    u = rng.random(shapes)
-    radii = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5
-    cx = rng.uniform(-0.1 * w, 1.1 * w, shapes)
-    cy = rng.uniform(-0.1 * h, 1.1 * h, shapes)
-    squares = rng.random(shapes) < 0.35
-    colours = rng.integers(0, 256, size=(shapes + 1, c), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx = np.abs(xx[None] - cx[:, None, None].astype(np.float32))
-    dy = np.abs(yy[None] - cy[:, None, None].astype(np.float32))
-    r = radii[:, None, None].astype(np.float32)
-    inside = np.where(squares[:, None, None], np.maximum(dx, dy) < r, dx * dx + dy * dy < r * r)
-    # The first (front-most) shape covering a pixel wins; uncovered pixels get a background.
-    front = np.where(inside.any(axis=0), inside.argmax(axis=0), shapes)
-    return colours[front]
+    def item(self, local: int, shape, rng: np.random.Generator) -> NpdItem:
+        return NpdItem(-1, GENERATORS[self.name](rng, *shape), f"{self.name}/{local}")
 
 
 class _Folder:
@@ -120,15 +96,12 @@ class _Folder:
         self.files = [files[i] for i in order]
         self.length = len(self.files)
 
-    def item(self, local: int, shape, rng: np.random.Generator, crop: int) -> NpdItem:
-        path = self.files[local]
-        source_id = os.path.relpath(path, self.root)
-        try:
-            with open(path, "rb") as f:
-                image = images.open_image(f.read())
-        except (OSError, ValueError) as e:
-            return NpdItem(-1, None, source_id, str(e)[:200])
-        return NpdItem(-1, images.crop_and_resize(image, shape, _crop_box(rng, crop)), source_id)
+    def source_id(self, local: int) -> str:
+        return os.path.relpath(self.files[local], self.root)
+
+    def encoded(self, local: int) -> bytes:
+        with open(self.files[local], "rb") as f:
+            return f.read()
 
 
 class _Tfds:
@@ -157,7 +130,10 @@ class _Tfds:
         self._iterator = None
         self._position = 0
 
-    def _encoded(self, local: int) -> bytes:
+    def source_id(self, local: int) -> str:
+        return f"{self.name}:{self.split}:{local}"
+
+    def encoded(self, local: int) -> bytes:
         import tensorflow_datasets as tfds
 
         if self._iterator is None or local < self._position:
@@ -172,14 +148,6 @@ class _Tfds:
             self._position += 1
         self._position += 1
         return next(self._iterator)[self.key]
-
-    def item(self, local: int, shape, rng: np.random.Generator, crop: int) -> NpdItem:
-        source_id = f"{self.name}:{self.split}:{local}"
-        try:
-            image = images.open_image(self._encoded(local))
-        except ValueError as e:
-            return NpdItem(-1, None, source_id, str(e)[:200])
-        return NpdItem(-1, images.crop_and_resize(image, shape, _crop_box(rng, crop)), source_id)
 
 
 class _ProblemDomain:
@@ -212,20 +180,8 @@ class _ProblemDomain:
         if crop == 0 and array.shape == tuple(shape):
             return NpdItem(-1, array, source_id)  # exactly the PD pixels
         image = images.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        return NpdItem(-1, images.crop_and_resize(image, shape, _crop_box(rng, crop)), source_id)
-
-
-def _crop_box(rng: np.random.Generator, crop: int):
-    """None (centred full view) for crop 0, else a random crop of 25-100% of the area."""
-    if crop == 0:
-        return None
-    area = rng.uniform(0.25, 1.0)
-    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    w = min(1.0, np.sqrt(area * ratio))
-    h = min(1.0, np.sqrt(area / ratio))
-    x0 = rng.uniform(0, 1 - w)
-    y0 = rng.uniform(0, 1 - h)
-    return (x0, y0, x0 + w, y0 + h)
+        box = LEGACY.crop_box(rng, full_view=crop == 0)
+        return NpdItem(-1, images.crop_and_resize(image, shape, box), source_id)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -268,7 +224,7 @@ def parse_npd_spec(spec: str, seed: int = 0, data_dir: str | None = None):
         if not star or w <= 0:
             raise UserInputError(
                 f"NPD mixture part {part!r} of {spec!r}: expected <weight>*<spec> with a "
-                "positive weight, e.g. mix:0.5*synthetic:noise|0.5*synthetic:dead_leaves"
+                "positive weight, e.g. mix:0.5*synthetic:noise|0.5*synthetic:shapes"
             )
         parts.append((w, _parse_single(inner, seed, data_dir)))
     if len(parts) < 2:
@@ -283,10 +239,12 @@ class NpdStream:
     Args:
       spec: NPD spec string.
       shape: (H, W, C) the target takes.
-      seed: fixes order, crops, mixture draws and synthetic images.
-      crops_per_image: items per source image (file or TFDS example).
+      seed: fixes order, crops, preparation, mixture draws and synthetic images.
+      crops_per_image: items per source picture (file or TFDS example) in one pass.
       shard_index, num_shards: this worker takes indices k with k % num_shards == shard_index.
-      data_dir: TFDS data dir for tfds: sources.
+      data_dir: data dir for tfds: and pd: sources.
+      preparation: how folder:/tfds: pictures are prepared (data.preparation); None is
+        the Recipe's default.
     """
 
     def __init__(
@@ -298,6 +256,7 @@ class NpdStream:
         shard_index: int = 0,
         num_shards: int = 1,
         data_dir: str | None = None,
+        preparation: Preparation | None = None,
     ):
         if crops_per_image < 1:
             raise UserInputError(f"--crops_per_image={crops_per_image}; expected >= 1")
@@ -305,27 +264,53 @@ class NpdStream:
             raise UserInputError(
                 f"--shard_index={shard_index} must be in [0, --num_shards={num_shards})"
             )
+        if preparation is None:
+            from copycat_tf.recipe import Recipe
+
+            preparation = Preparation.of(Recipe())
         self.spec = spec
         self.shape = tuple(int(d) for d in shape)
         self.seed = seed
         self.crops = crops_per_image
+        self.preparation = preparation
         self.shard_index, self.num_shards = shard_index, num_shards
         self.parts = parse_npd_spec(spec, seed, data_dir)
         self._weights = np.array([w for w, _ in self.parts])
         self._counts_before: dict[int, np.ndarray] = {0: np.zeros(len(self.parts), np.int64)}
+        self._picture_cache: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+        # Arm weights of positions >= preparation.adapt_after (set once the exploration's
+        # answers are known; see attack.producer).
+        self.arm_weights: np.ndarray | None = None
+
+    @property
+    def adapts(self) -> bool:
+        """Whether items past the preparation's exploration need adapted arm weights."""
+        prep = self.preparation
+        pictures = any(isinstance(source, (_Folder, _Tfds)) for _, source in self.parts)
+        return bool(prep.adapt_after) and not prep.legacy and pictures
+
+    @property
+    def thread_safe(self) -> bool:
+        """Whether `item` may be called from several threads at once (folder: and
+        synthetic: sources; tfds: and pd: read sequentially)."""
+        return all(isinstance(source, (_Folder, _Synthetic)) for _, source in self.parts)
 
     def _crops_of(self, source) -> int:
         return self.crops if source.finite else 1
 
-    def _source_length(self, source) -> int | None:
-        return None if not source.finite else source.length * self._crops_of(source)
+    def _cycles(self, source) -> bool:
+        return isinstance(source, (_Folder, _Tfds)) and self.preparation.cycle
 
     @property
     def length(self) -> int | None:
         """Items in the whole stream (all workers), None when unbounded or mixed."""
-        if len(self.parts) == 1:
-            return self._source_length(self.parts[0][1])
-        return None
+        if len(self.parts) > 1:
+            return None
+        source = self.parts[0][1]
+        if not source.finite or self._cycles(source):
+            return None
+        return source.length * self._crops_of(source)
 
     def _chunk(self, chunk: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 7, chunk])
@@ -336,12 +321,14 @@ class NpdStream:
         if len(self.parts) == 1:
             return 0, k
         chunk, offset = divmod(k, _MIX_CHUNK)
-        for c in range(max(self._counts_before), chunk):
-            counts = np.bincount(self._chunk(c), minlength=len(self.parts))
-            self._counts_before[c + 1] = self._counts_before[c] + counts
+        with self._lock:
+            for c in range(max(self._counts_before), chunk):
+                counts = np.bincount(self._chunk(c), minlength=len(self.parts))
+                self._counts_before[c + 1] = self._counts_before[c] + counts
+            before = self._counts_before[chunk]
         assignment = self._chunk(chunk)
         part = int(assignment[offset])
-        return part, int(self._counts_before[chunk][part] + (assignment[:offset] == part).sum())
+        return part, int(before[part] + (assignment[:offset] == part).sum())
 
     def indices(self, start: int = 0) -> Iterator[int]:
         """This worker's indices >= start, in order (unbounded; `item` says when it ends)."""
@@ -350,17 +337,73 @@ class NpdStream:
             yield k
             k += self.num_shards
 
+    def _weights_at(self, k: int) -> np.ndarray | None:
+        if not self.adapts or k < self.preparation.adapt_after:
+            return None
+        if self.arm_weights is None:
+            raise RuntimeError(f"NPD item {k} needs the adapted arm weights, not set yet")
+        return self.arm_weights
+
+    def arm(self, k: int) -> int | None:
+        """The preparation arm (index into preparation.arms) of item k; None for items that
+        are not prepared pictures (synthetic, pd:, legacy)."""
+        part, _ = self._locate(k)
+        if self.preparation.legacy or not isinstance(self.parts[part][1], (_Folder, _Tfds)):
+            return None
+        rng = np.random.default_rng([self.seed, k, 2])
+        return self.preparation.draw_arm(rng, self._weights_at(k))
+
     def item(self, k: int) -> NpdItem | None:
         """The item at global index k, or None past the end of the stream."""
         part, local = self._locate(k)
         source = self.parts[part][1]
-        crops = self._crops_of(source)
-        src_index, crop = divmod(local, crops)
-        if source.finite and src_index >= source.length:
-            return None
         rng = np.random.default_rng([self.seed, k])
-        result = source.item(src_index, self.shape, rng, crop)
+        if isinstance(source, _Synthetic):
+            result = source.item(local, self.shape, rng)
+        else:
+            crops = self._crops_of(source)
+            per_pass = source.length * crops
+            passes, within = divmod(local, per_pass)
+            if passes and not self._cycles(source):
+                return None
+            src_index, crop = divmod(within, crops)
+            if isinstance(source, _ProblemDomain):
+                result = source.item(src_index, self.shape, rng, crop)
+            else:
+                result = self._picture_item(part, source, src_index, crop, passes, rng, k)
+            if crops > 1 or passes:
+                result.source_id += f"#p{passes}crop{crop}" if passes else f"#crop{crop}"
         result.index = k
-        if crops > 1:
-            result.source_id += f"#crop{crop}"
         return result
+
+    def _picture_item(self, part, source, src_index, crop, passes, rng, k) -> NpdItem:
+        source_id = source.source_id(src_index)
+        full_view = crop == 0 and passes == 0
+        prep = self.preparation
+        try:
+            if prep.legacy:  # exactly the pixels of datasets made before preparation
+                image = images.open_image(source.encoded(src_index))
+                pixels = images.crop_and_resize(image, self.shape, prep.crop_box(rng, full_view))
+            else:
+                picture = self._picture(part, source, src_index)
+                box = prep.crop_box(rng, full_view)
+                rng = np.random.default_rng([self.seed, k, 2])
+                pixels = prep.apply(picture, self.shape, box, rng, self._weights_at(k))
+        except (OSError, ValueError) as e:
+            return NpdItem(-1, None, source_id, str(e)[:200])
+        return NpdItem(-1, pixels, source_id)
+
+    def _picture(self, part: int, source, src_index: int):
+        """The working picture, decoded once for the consecutive crops of one picture."""
+        key = (part, src_index)
+        with self._lock:
+            picture = self._picture_cache.get(key)
+        if picture is None:
+            picture = images.working_picture(
+                source.encoded(src_index), _WORKING_SCALE * max(self.shape[:2])
+            )
+            with self._lock:
+                if len(self._picture_cache) >= 16:
+                    self._picture_cache.pop(next(iter(self._picture_cache)))
+                self._picture_cache[key] = picture
+        return picture

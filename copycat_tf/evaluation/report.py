@@ -20,7 +20,9 @@ from copycat_tf import viz
 from copycat_tf.data import problem_domain
 from copycat_tf.errors import UserInputError
 from copycat_tf.evaluation import metrics
-from copycat_tf.targets.base import TargetError, open_target, predict_with_retries
+from copycat_tf.targets.base import TargetError
+from copycat_tf.targets.registry import open_target
+from copycat_tf.targets.retry import predict_with_retries
 from copycat_tf.workdir import atomic_write_bytes, atomic_write_json
 
 REPORT_JSON = "report.json"
@@ -32,7 +34,7 @@ class EvaluateConfig:
     """Everything `run_evaluate` needs.
 
     Attributes:
-      target: target URL (any scheme of targets.base.open_target).
+      target: target URL (any scheme of targets.registry.open_target).
       copycat: copycat URL, or a SavedModel version directory.
       test_data: PD spec with labels; the test split unless the spec names another.
       out: report directory.

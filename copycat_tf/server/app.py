@@ -12,7 +12,7 @@ import threading
 from absl import logging
 
 from copycat_tf.errors import UserInputError
-from copycat_tf.server.batching import BatchScheduler
+from copycat_tf.server.batching import BatchScheduler, parse_batching_parameters
 from copycat_tf.server.core import ACCESS_LOG, Gatekeeper, ServingCore, parse_api_keys_file
 from copycat_tf.server.defenses import OutputDefense, parse_defense
 from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
@@ -173,16 +173,16 @@ def serve(config: ServerConfig) -> None:
 
 
 def _batching_parameters(path: str) -> dict[str, int]:
-    """The integer fields of a BatchingParameters text proto ('name { value: N }')."""
-    import re
-
+    """The settings of a --batching_parameters_file this server applies."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError as e:
         raise UserInputError(f"--batching_parameters_file {path} cannot be read: {e}") from e
-    fields = dict(re.findall(r"(\w+)\s*\{\s*value:\s*(\d+)\s*\}", text))
-    return {k: int(v) for k, v in fields.items()}
+    try:
+        return parse_batching_parameters(text, path)
+    except ValueError as e:
+        raise UserInputError(str(e)) from e
 
 
 def server_config_from_flags(values) -> ServerConfig:
@@ -213,13 +213,7 @@ def server_config_from_flags(values) -> ServerConfig:
         "num_batch_threads": values.num_batch_threads,
     }
     if values.batching_parameters_file:
-        batching.update(
-            {
-                k: v
-                for k, v in _batching_parameters(values.batching_parameters_file).items()
-                if k in batching
-            }
-        )
+        batching.update(_batching_parameters(values.batching_parameters_file))
     if not values.enable_batching:
         batching["max_batch_size"] = 1
     for model in models:

@@ -179,3 +179,90 @@ def model_error(e: Exception) -> ServingError:
         return ServingError(code, message)
     logging.exception("model call failed")
     return invalid(f"{type(e).__name__}: {e}".split("\n")[0])
+
+
+# ----------------------------------------------------------------------------- config file
+
+# TF Serving's BatchingParameters (session_bundle_config.proto): field -> (type, used here).
+# The pip package tensorflow-serving-api does not ship that message, so its descriptor is
+# built here from the documented fields; text_format then rejects any other field name.
+_BATCHING_FIELDS = {
+    "max_batch_size": ("Int64Value", True),
+    "batch_timeout_micros": ("Int64Value", True),
+    "max_enqueued_batches": ("Int64Value", True),
+    "num_batch_threads": ("Int64Value", True),
+    "thread_pool_name": ("StringValue", False),
+    "allowed_batch_sizes": ("repeated int64", False),
+    "pad_variable_length_inputs": ("bool", False),
+    "enable_large_batch_splitting": ("BoolValue", False),
+    "max_execution_batch_size": ("Int64Value", False),
+}
+_BATCHING_MESSAGE = None
+
+
+def _batching_message_class():
+    global _BATCHING_MESSAGE
+    if _BATCHING_MESSAGE is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+        pool = descriptor_pool.DescriptorPool()
+        pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+        file = descriptor_pb2.FileDescriptorProto(
+            name="copycat_tf/batching_parameters.proto",
+            package="tensorflow.serving",
+            syntax="proto3",
+            dependency=["google/protobuf/wrappers.proto"],
+        )
+        message = file.message_type.add(name="BatchingParameters")
+        fd = descriptor_pb2.FieldDescriptorProto
+        for number, (name, (kind, _)) in enumerate(_BATCHING_FIELDS.items(), start=1):
+            field = message.field.add(name=name, number=number, label=fd.LABEL_OPTIONAL)
+            if kind == "repeated int64":
+                field.label, field.type = fd.LABEL_REPEATED, fd.TYPE_INT64
+            elif kind == "bool":
+                field.type = fd.TYPE_BOOL
+            else:
+                field.type, field.type_name = fd.TYPE_MESSAGE, f".google.protobuf.{kind}"
+        pool.Add(file)
+        _BATCHING_MESSAGE = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+        )
+    return _BATCHING_MESSAGE
+
+
+def parse_batching_parameters(text: str, source: str) -> dict[str, int]:
+    """The settings of a BatchingParameters text proto that this server applies.
+
+    Fields TF Serving knows but this server does not use are accepted with a warning;
+    any other field (a misspelling) is an error, as in TF Serving.
+
+    Raises:
+      ValueError: not a BatchingParameters text proto, or a value out of range.
+    """
+    from google.protobuf import text_format
+
+    message = _batching_message_class()()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        raise ValueError(
+            f"--batching_parameters_file {source} is not a BatchingParameters text proto: {e}. "
+            f"Known fields: {', '.join(_BATCHING_FIELDS)}"
+        ) from e
+    settings = {}
+    for name, (kind, used) in _BATCHING_FIELDS.items():
+        if kind in ("repeated int64", "bool"):
+            present = bool(getattr(message, name))
+        else:
+            present = message.HasField(name)
+        if present and not used:
+            logging.warning("--batching_parameters_file %s: %s is ignored here", source, name)
+        elif present:
+            value = int(getattr(message, name).value)
+            if value < (0 if name == "batch_timeout_micros" else 1):
+                raise ValueError(
+                    f"--batching_parameters_file {source}: {name} {{ value: {value} }} is out "
+                    "of range"
+                )
+            settings[name] = value
+    return settings

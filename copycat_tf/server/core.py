@@ -1,4 +1,7 @@
-"""What both APIs share: access control, input checks, batched model calls, defences."""
+"""What both APIs share: access control, model lookup, signature maps, method refusal,
+input checks, batched model calls and defences. The gRPC and REST front ends only
+translate their wire formats to and from these calls.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,35 @@ import dataclasses
 import logging as pylogging
 import threading
 import time
+from collections.abc import Mapping
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
+from copycat_tf.contract import OUTPUT_SCORES, SERVING_DEFAULT
 from copycat_tf.server.batching import BatchScheduler
-from copycat_tf.server.defenses import SCORES, OutputDefense
+from copycat_tf.server.defenses import OutputDefense
 from copycat_tf.server.model_store import ModelStore, Servable, SignatureInfo
 from copycat_tf.server.status import ServingError, invalid
 
 ACCESS_LOG = pylogging.getLogger("copycat_tf.access")
+_STATES = get_model_status_pb2.ModelVersionStatus.State
+
+
+def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The API key of a request: 'x-api-key: K' or 'authorization: Bearer K'.
+
+    Args:
+      headers: request headers or gRPC metadata, names in lower case.
+    """
+    if headers.get("x-api-key"):
+        return headers["x-api-key"]
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return None
 
 
 class Gatekeeper:
@@ -93,6 +114,86 @@ class ServingCore:
         self._rng = np.random.default_rng(self.seed)
         self._rng_lock = threading.Lock()
 
+    # ------------------------------------------------------------------ access
+
+    def admit(self, headers: Mapping[str, str], client: str) -> None:
+        """Authenticates and rate-limits one request.
+
+        Args:
+          headers: request headers or gRPC metadata, names in lower case.
+          client: the caller's address (its identity when no API keys are configured).
+
+        Raises:
+          ServingError: UNAUTHENTICATED or RESOURCE_EXHAUSTED.
+        """
+        self.gate.admit(api_key_from_headers(headers), client)
+
+    # ------------------------------------------------------------------ models
+
+    def signature(
+        self, servable: Servable, name: str | None, missing_code=grpc.StatusCode.INVALID_ARGUMENT
+    ) -> tuple[str, SignatureInfo]:
+        """(name, signature) a request asks for; the default signature when unnamed.
+
+        Args:
+          servable: the resolved model version.
+          name: the requested signature name, "" or None for serving_default.
+          missing_code: the status an unknown name gets (the APIs differ, as in TF Serving).
+
+        Raises:
+          ServingError: no such signature.
+        """
+        name = name or SERVING_DEFAULT
+        signature = servable.signatures.get(name)
+        if signature is None:
+            if missing_code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise ServingError(missing_code, f'Serving signature key "{name}" not found.')
+            raise invalid(f'Serving signature name: "{name}" not found in signature def')
+        return name, signature
+
+    def signature_def_map(self, servable: Servable) -> get_model_metadata_pb2.SignatureDefMap:
+        """The SignatureDefs as stored, minus outputs the defence hides (GetModelMetadata)."""
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in servable.signature_defs.items():
+            if self.defense.hides_scores and OUTPUT_SCORES in sig.outputs:
+                sig = copy.deepcopy(sig)
+                del sig.outputs[OUTPUT_SCORES]
+            sig_map.signature_def[key].CopyFrom(sig)
+        return sig_map
+
+    def refuse_classify_or_regress(self, servable: Servable, name: str | None, verb: str):
+        """Classify and Regress need classify/regress signatures; TF2 exports (all of
+        copycat_tf's) only have predict signatures, so this always raises TF Serving's error.
+
+        Raises:
+          ServingError: INVALID_ARGUMENT naming the expected method.
+        """
+        name = name or SERVING_DEFAULT
+        signature = servable.signatures.get(name)
+        if signature is None:
+            raise invalid(f"No signature was found with the name: {name}")
+        kind = "classification" if verb == "classify" else "regression"
+        raise invalid(
+            f"Expected {kind} signature method_name to be tensorflow/serving/{verb}. "
+            f"Was: {signature.method_name}"
+        )
+
+    def model_status(
+        self, name: str, version: int | None
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        """GetModelStatusResponse for a model."""
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v, st in self.store.status(name, version):
+            entry = response.model_version_status.add()
+            entry.version = v
+            entry.state = _STATES.Value(st.state)
+            entry.status.CopyFrom(
+                status_pb2.StatusProto(error_code=2 if st.error else 0, error_message=st.error)
+            )
+        return response
+
+    # ------------------------------------------------------------------ predictions
+
     def _inject_faults(self) -> None:
         """Chaos options: added latency and transient failures (a flaky cloud API)."""
         if self.inject_latency_s:
@@ -107,19 +208,9 @@ class ServingCore:
 
     def visible_outputs(self, signature: SignatureInfo) -> list[str]:
         """Output aliases a client may see (a top-1 defence hides the scores)."""
-        return [k for k in signature.outputs if not (self.defense.hides_scores and k == SCORES)]
-
-    def signature_defs_for_metadata(self, servable: Servable) -> dict:
-        """SignatureDefs as stored, minus outputs the defence hides."""
-        if not self.defense.hides_scores:
-            return servable.signature_defs
-        defs = {}
-        for key, sig in servable.signature_defs.items():
-            sig = copy.deepcopy(sig)
-            if SCORES in sig.outputs:
-                del sig.outputs[SCORES]
-            defs[key] = sig
-        return defs
+        return [
+            k for k in signature.outputs if not (self.defense.hides_scores and k == OUTPUT_SCORES)
+        ]
 
     def check_output_filter(self, signature: SignatureInfo, output_filter) -> list[str]:
         """Validates an output filter; returns the aliases to answer with."""

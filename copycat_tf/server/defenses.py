@@ -21,8 +21,9 @@ import dataclasses
 
 import numpy as np
 
-SCORES = "scores"
-CLASSES = "classes"
+from copycat_tf.contract import OUTPUT_CLASSES as CLASSES
+from copycat_tf.contract import OUTPUT_SCORES as SCORES
+
 _EPS = 1e-7
 
 

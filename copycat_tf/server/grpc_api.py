@@ -8,33 +8,19 @@ import time
 import grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
-    get_model_status_pb2,
     model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
-    status_pb2,
 )
 
 from copycat_tf.server import tensors
 from copycat_tf.server.core import ServingCore, log_access
-from copycat_tf.server.model_store import DEFAULT_SIGNATURE, configs_from_proto
+from copycat_tf.server.model_store import configs_from_proto
 from copycat_tf.server.status import ServingError, invalid
 
 # TF Serving accepts messages up to INT32_MAX bytes (reference §2.4), not gRPC's 4 MiB.
 MAX_MESSAGE_BYTES = 2**31 - 1
-_STATES = get_model_status_pb2.ModelVersionStatus.State
-
-
-def api_key_from_metadata(metadata) -> str | None:
-    """The API key of a call: 'x-api-key: K' or 'authorization: Bearer K'."""
-    values = dict(metadata or ())
-    if values.get("x-api-key"):
-        return values["x-api-key"]
-    auth = values.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return None
 
 
 def model_spec_target(spec_holder) -> tuple[str, int | None, str | None]:
@@ -62,8 +48,8 @@ class _Base:
             "batch": None,
         }
         try:
-            self.core.gate.admit(
-                api_key_from_metadata(context.invocation_metadata()),
+            self.core.admit(
+                {k.lower(): v for k, v in context.invocation_metadata() or ()},
                 context.peer().rsplit(":", 1)[0],  # the client's address, not its port
             )
             response = fn(request, context, info)
@@ -95,13 +81,9 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
         name, version, label = model_spec_target(request)
         servable = self.core.store.resolve(name, version, label)
         info["version"] = servable.version
-        sig_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        signature = servable.signatures.get(sig_name)
-        if signature is None:
-            raise ServingError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f'Serving signature key "{sig_name}" not found.',
-            )
+        sig_name, signature = self.core.signature(
+            servable, request.model_spec.signature_name, grpc.StatusCode.FAILED_PRECONDITION
+        )
         sent, expected = set(request.inputs), set(signature.inputs)
         if sent != expected:
             if len(sent) != len(expected):
@@ -143,27 +125,15 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = name
         response.model_spec.version.value = servable.version
-        sig_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, sig in self.core.signature_defs_for_metadata(servable).items():
-            sig_map.signature_def[key].CopyFrom(sig)
-        response.metadata["signature_def"].Pack(sig_map)
+        response.metadata["signature_def"].Pack(self.core.signature_def_map(servable))
         return response
 
     def _classify_or_regress(self, request, context, info):
         name, version, label = model_spec_target(request)
         servable = self.core.store.resolve(name, version, label)
         info["version"] = servable.version
-        sig_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        kind = "classification" if type(request).__name__.startswith("Classif") else "regression"
-        method = "classify" if kind == "classification" else "regress"
-        signature = servable.signatures.get(sig_name)
-        if signature is None:
-            raise invalid(f"No signature was found with the name: {sig_name}")
-        # TF2 SavedModels (all copycat_tf exports) only have predict signatures.
-        raise invalid(
-            f"Expected {kind} signature method_name to be tensorflow/serving/{method}. "
-            f"Was: {signature.method_name}"
-        )
+        verb = "classify" if type(request).__name__.startswith("Classif") else "regress"
+        self.core.refuse_classify_or_regress(servable, request.model_spec.signature_name, verb)
 
 
 class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
@@ -177,7 +147,7 @@ class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
 
     def _status(self, request, context, info):
         name, version, _ = model_spec_target(request)
-        return model_status_response(self.core, name, version)
+        return self.core.model_status(name, version)
 
     def _reload(self, request, context, info):
         if request.config.WhichOneof("config") != "model_config_list":
@@ -193,19 +163,6 @@ class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
         response = model_management_pb2.ReloadConfigResponse()
         response.status.error_code = 0
         return response
-
-
-def model_status_response(core: ServingCore, name: str, version: int | None):
-    """GetModelStatusResponse for a model (shared by gRPC and REST)."""
-    response = get_model_status_pb2.GetModelStatusResponse()
-    for v, st in core.store.status(name, version):
-        entry = response.model_version_status.add()
-        entry.version = v
-        entry.state = _STATES.Value(st.state)
-        entry.status.CopyFrom(
-            status_pb2.StatusProto(error_code=2 if st.error else 0, error_message=st.error)
-        )
-    return response
 
 
 def build_grpc_server(

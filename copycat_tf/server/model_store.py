@@ -20,9 +20,8 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from copycat_tf.contract import SERVING_DEFAULT as DEFAULT_SIGNATURE
 from copycat_tf.server.status import invalid, not_found
-
-DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclasses.dataclass(frozen=True)

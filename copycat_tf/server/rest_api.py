@@ -9,16 +9,15 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
 import grpc
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
+from tensorflow_serving.apis import model_pb2
 
 from copycat_tf.server import tensors
 from copycat_tf.server.core import ServingCore, log_access
-from copycat_tf.server.grpc_api import model_status_response
-from copycat_tf.server.model_store import DEFAULT_SIGNATURE
 from copycat_tf.server.status import ServingError, invalid
 
 _V1 = re.compile(r"(?i)/v1/.*")
@@ -142,11 +141,9 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command
         try:
             body = self._read_body()
-            key = self.headers.get("X-API-Key")
-            auth = self.headers.get("Authorization", "")
-            if not key and auth.lower().startswith("bearer "):
-                key = auth[7:].strip()
-            self.server.core.gate.admit(key, self.client_address[0])
+            self.server.core.admit(
+                {k.lower(): v for k, v in self.headers.items()}, self.client_address[0]
+            )
             status, payload = self._route(method, path, body, info)
         except ServingError as e:
             status, payload = e.http_status, error_body(e.message)
@@ -181,15 +178,16 @@ class _Handler(BaseHTTPRequestHandler):
                 info["model"] = name
                 if m.group(4):
                     return 200, _metadata_json(core, name, version, label, info)
-                response = model_status_response(core, name, version)
                 return 200, json_format.MessageToJson(
-                    response, indent=1, always_print_fields_with_no_presence=True
+                    core.model_status(name, version),
+                    indent=1,
+                    always_print_fields_with_no_presence=True,
                 ).encode()
         raise invalid(f"Malformed request: {method} {path}")
 
     def _predict(self, core: ServingCore, name, version, label, body: bytes, info) -> bytes:
         request = parse_json_body(body)
-        sig_name = request.get("signature_name", DEFAULT_SIGNATURE)
+        sig_name = request.get("signature_name", "")
         if not isinstance(sig_name, str):
             raise invalid(
                 f"JSON Value: {json.dumps(request)[:256]} not formatted correctly. "
@@ -197,9 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         servable = core.store.resolve(name, version, label)
         info["version"] = servable.version
-        signature = servable.signatures.get(sig_name)
-        if signature is None:
-            raise invalid(f'Serving signature name: "{sig_name}" not found in signature def')
+        _, signature = core.signature(servable, sig_name)
         inputs, row_format = tensors.request_inputs(request, signature)
         info["batch"] = next(iter(inputs.values())).shape[0] if inputs else 0
         outputs = core.run(
@@ -211,21 +207,13 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return tensors.predict_response_json(outputs, row_format).encode()
 
-    def _classify_or_regress(self, core, name, version, label, body, verb) -> bytes:
+    def _classify_or_regress(self, core, name, version, label, body, verb) -> NoReturn:
         request = parse_json_body(body)
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
             raise invalid(f"When method is {verb}, key 'examples' is expected and was not found")
         servable = core.store.resolve(name, version, label)
-        sig_name = request.get("signature_name", DEFAULT_SIGNATURE)
-        signature = servable.signatures.get(sig_name)
-        if signature is None:
-            raise invalid(f"No signature was found with the name: {sig_name}")
-        kind = "classification" if verb == "classify" else "regression"
-        raise invalid(
-            f"Expected {kind} signature method_name to be tensorflow/serving/{verb}. "
-            f"Was: {signature.method_name}"
-        )
+        core.refuse_classify_or_regress(servable, request.get("signature_name"), verb)
 
 
 def _target(match) -> tuple[str, int | None, str | None]:
@@ -245,9 +233,7 @@ def _metadata_json(core: ServingCore, name, version, label, info) -> bytes:
     info["version"] = servable.version
     spec = model_pb2.ModelSpec(name=name)
     spec.version.value = servable.version
-    sig_map = get_model_metadata_pb2.SignatureDefMap()
-    for key, sig in core.signature_defs_for_metadata(servable).items():
-        sig_map.signature_def[key].CopyFrom(sig)
+    sig_map = core.signature_def_map(servable)
     spec_json = json_format.MessageToJson(
         spec,
         indent=1,

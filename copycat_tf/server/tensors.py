@@ -23,6 +23,7 @@ from copycat_tf.server.status import invalid
 _PROTO_FIELDS = {
     types_pb2.DT_FLOAT: (np.float32, "float_val"),
     types_pb2.DT_DOUBLE: (np.float64, "double_val"),
+    types_pb2.DT_HALF: (np.float16, "half_val"),  # IEEE half bit patterns in an int field
     types_pb2.DT_INT32: (np.int32, "int_val"),
     types_pb2.DT_INT16: (np.int16, "int_val"),
     types_pb2.DT_INT8: (np.int8, "int_val"),
@@ -83,7 +84,10 @@ def proto_to_numpy(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
         return flat.reshape(shape)
     if n == 0:
         return np.zeros(shape, np_dtype)
-    flat = np.asarray(values[:count] if n >= count else values, dtype=np_dtype)
+    if proto.dtype == types_pb2.DT_HALF:
+        flat = np.asarray(values[:count], np.uint16).view(np.float16)
+    else:
+        flat = np.asarray(values[:count] if n >= count else values, dtype=np_dtype)
     if n < count:  # TF repeats the last value to fill the shape
         flat = np.concatenate([flat, np.full(count - n, flat[-1], np_dtype)])
     return flat.reshape(shape)
@@ -103,6 +107,8 @@ def numpy_to_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     flat = array.ravel()
     if dtype == tf.string:
         proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
+    elif dtype == tf.float16:
+        proto.half_val.extend(flat.view(np.uint16).tolist())
     else:
         getattr(proto, field).extend(flat.tolist())
     return proto

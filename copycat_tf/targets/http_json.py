@@ -26,8 +26,8 @@ import numpy as np
 
 from copycat_tf.data.images import png_bytes
 from copycat_tf.errors import UserInputError
-from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetSpec
-from copycat_tf.targets.tfserving_rest import HttpSessions, post_json
+from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetInfo
+from copycat_tf.targets.http import HttpSessions
 
 ONE = '"{{image_b64}}"'
 MANY = '"{{images_b64}}"'
@@ -49,7 +49,7 @@ def resolve_field(value, path: str):
     return resolve_field(value[head], rest)
 
 
-class JsonHttpTarget(HttpSessions, Target):
+class JsonHttpTarget(Target):
     """A JSON prediction API described by options instead of metadata."""
 
     OPTIONS = (
@@ -110,10 +110,10 @@ class JsonHttpTarget(HttpSessions, Target):
         if api_key:
             self._headers[api_key_header] = api_key
         self._key_header = api_key_header if api_key else None
-        self._init_sessions()
+        self._http = HttpSessions()
 
-    def describe(self) -> TargetSpec:
-        return TargetSpec(
+    def describe(self) -> TargetInfo:
+        return TargetInfo(
             url=self.url,
             input_shape=self._shape,
             num_classes=self.num_classes,
@@ -128,8 +128,7 @@ class JsonHttpTarget(HttpSessions, Target):
         )
 
     def _post(self, body: bytes, content_type: str, timeout_s: float):
-        return post_json(
-            self._http(),
+        return self._http.post_json(
             self._endpoint,
             body,
             timeout_s,
@@ -162,7 +161,9 @@ class JsonHttpTarget(HttpSessions, Target):
             return int(scores.argmax()), scores
         raise PermanentError(f"target {self.url}: cannot read a label from {value!r}")
 
-    def predict(self, images: np.ndarray, timeout_s: float = 30.0, encoded=None) -> Prediction:
+    def predict(
+        self, images: np.ndarray, timeout_s: float = 30.0, encoded: list[bytes] | None = None
+    ) -> Prediction:
         pngs = encoded if encoded is not None else [png_bytes(im) for im in images]
         b64 = [base64.b64encode(p).decode() for p in pngs]
         if self._batch:
@@ -203,3 +204,6 @@ class JsonHttpTarget(HttpSessions, Target):
         if all(p[1] is not None for p in parsed):
             scores = np.stack([p[1] for p in parsed])
         return Prediction(labels, scores)
+
+    def close(self) -> None:
+        self._http.close()

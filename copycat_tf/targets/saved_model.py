@@ -7,15 +7,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from copycat_tf import contract
 from copycat_tf.errors import UserInputError
-from copycat_tf.targets.base import (
-    PermanentError,
-    Prediction,
-    Target,
-    TargetSpec,
-    select_signature_outputs,
-)
-from copycat_tf.targets.tfserving_grpc import image_input
+from copycat_tf.targets.answers import prediction_from_outputs
+from copycat_tf.targets.base import PermanentError, Prediction, Target, TargetInfo
+from copycat_tf.targets.signatures import ChosenSignature, TensorInfo, choose_signature
 
 
 class SavedModelTarget(Target):
@@ -23,7 +19,7 @@ class SavedModelTarget(Target):
 
     OPTIONS = ("signature",)
 
-    def __init__(self, url: str, signature: str = "serving_default"):
+    def __init__(self, url: str, signature: str = contract.SERVING_DEFAULT):
         self.url = url
         self.path = url[len("savedmodel:") :]
         if not os.path.exists(os.path.join(self.path, "saved_model.pb")):
@@ -33,8 +29,9 @@ class SavedModelTarget(Target):
             )
         self.signature = signature
         self._fn = None
+        self._chosen: ChosenSignature | None = None
 
-    def describe(self) -> TargetSpec:
+    def describe(self) -> TargetInfo:
         loaded = tf.saved_model.load(self.path)
         if self.signature not in loaded.signatures:
             raise UserInputError(
@@ -45,33 +42,37 @@ class SavedModelTarget(Target):
         self._fn = loaded.signatures[self.signature]
         spec_in = self._fn.structured_input_signature[1]
         inputs = {
-            k: (v.dtype, tuple(-1 if d is None else d for d in v.shape)) for k, v in spec_in.items()
+            k: TensorInfo(v.dtype, tuple(-1 if d is None else d for d in v.shape))
+            for k, v in spec_in.items()
         }
-        outputs = {k: (v.dtype, tuple(v.shape)) for k, v in self._fn.structured_outputs.items()}
-        self._input, self._dtype, shape = image_input(self.url, inputs)
-        self._labels_out, self._scores_out = select_signature_outputs(outputs)
-        num_classes = outputs[self._scores_out][1][1] if self._scores_out else 0
-        return TargetSpec(
-            url=self.url,
-            input_shape=shape,
-            num_classes=int(num_classes or 0),
-            has_scores=self._scores_out is not None,
-            details={
+        outputs = {
+            k: TensorInfo(v.dtype, tuple(-1 if d is None else d for d in v.shape))
+            for k, v in self._fn.structured_outputs.items()
+        }
+        chosen = self._chosen = choose_signature(self.url, self.signature, inputs, outputs)
+        return chosen.target_info(
+            self.url,
+            {
                 "transport": "in-process",
                 "model": os.path.abspath(self.path),
                 "path": os.path.abspath(self.path),
                 "signature": self.signature,
-                "outputs": sorted(outputs),
             },
         )
 
-    def predict(self, images: np.ndarray, timeout_s: float = 30.0, encoded=None) -> Prediction:
+    def predict(
+        self, images: np.ndarray, timeout_s: float = 30.0, encoded: list[bytes] | None = None
+    ) -> Prediction:
         if self._fn is None:
             self.describe()
+        chosen = self._chosen
         try:
-            out = self._fn(**{self._input: tf.constant(images, dtype=self._dtype)})
+            out = self._fn(**{chosen.input: tf.constant(images, dtype=chosen.input_dtype)})
         except (tf.errors.OpError, ValueError, TypeError) as e:
             raise PermanentError(f"target {self.url}: {type(e).__name__}: {e}") from e
-        scores = out[self._scores_out].numpy() if self._scores_out else None
-        labels = out[self._labels_out].numpy() if self._labels_out else scores.argmax(axis=1)
-        return Prediction(labels.astype(np.int64), scores)
+        return prediction_from_outputs(
+            {k: v.numpy() for k, v in out.items()},
+            chosen.labels_out,
+            chosen.scores_out,
+            f"target {self.url}",
+        )

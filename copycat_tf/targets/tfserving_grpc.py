@@ -6,7 +6,6 @@ from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -14,17 +13,17 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from copycat_tf import contract
 from copycat_tf.errors import UserInputError
-from copycat_tf.server.tensors import proto_to_numpy
+from copycat_tf.targets.answers import decode_tensor_proto, prediction_from_outputs
 from copycat_tf.targets.base import (
     PermanentError,
     Prediction,
     Target,
-    TargetSpec,
+    TargetInfo,
     TransientError,
-    parse_model_path,
-    select_signature_outputs,
 )
+from copycat_tf.targets.signatures import ChosenSignature, choose_from_map, parse_model_path
 
 _TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
@@ -44,69 +43,14 @@ def classify_rpc_error(e: grpc.RpcError, where: str) -> Exception:
     return PermanentError(message)
 
 
-def signature_io(sig) -> tuple[dict, dict]:
-    """{alias: (tf.DType, shape tuple or None)} of a SignatureDef's inputs and outputs.
-
-    Tensors of DT_INVALID (TF2's __saved_model_init_op NoOp) are left out.
-    """
-
-    def infos(tensors):
-        out = {}
-        for alias, t in tensors.items():
-            if t.dtype == 0:
-                continue
-            shape = None
-            if not t.tensor_shape.unknown_rank:
-                shape = tuple(d.size for d in t.tensor_shape.dim)
-            out[alias] = (tf.as_dtype(t.dtype), shape)
-        return out
-
-    return infos(sig.inputs), infos(sig.outputs)
-
-
-def image_input(url: str, inputs: dict) -> tuple[str, tf.DType, tuple[int, int, int]]:
-    """The signature's image input: the one rank-4 numeric input [N, H, W, C].
-
-    Raises:
-      UserInputError: no such input, or its H, W, C are not fixed.
-    """
-    for alias, (dtype, shape) in inputs.items():
-        if dtype != tf.string and shape is not None and len(shape) == 4:
-            if min(shape[1:]) < 1:
-                raise UserInputError(
-                    f"target {url}: input {alias!r} has shape {shape}; H, W and C must be fixed"
-                )
-            return alias, dtype, tuple(int(d) for d in shape[1:])
-    raise UserInputError(
-        f"target {url}: its signature has no image input of shape [N, H, W, C]: {inputs}"
-    )
-
-
-def parse_signature(url: str, sigs, name: str):
-    """(image input alias, its dtype, (H, W, C), labels output, scores output, outputs) of
-    signature `name` in a SignatureDefMap.
-
-    Raises:
-      UserInputError: no such signature, no image input, or no class/score output.
-    """
-    if name not in sigs.signature_def:
-        raise UserInputError(
-            f"target {url} has no signature {name!r}; it has {sorted(sigs.signature_def)}"
-        )
-    inputs, outputs = signature_io(sigs.signature_def[name])
-    alias, dtype, shape = image_input(url, inputs)
-    labels_out, scores_out = select_signature_outputs(outputs)
-    if labels_out is None and scores_out is None:
-        raise UserInputError(f"target {url}: no class or score output in {outputs}")
-    return alias, dtype, shape, labels_out, scores_out, outputs
-
-
 class GrpcTarget(Target):
     """grpc://host:port/<model>[/versions/N|/labels/L] (TF Serving or copycat_tf's server)."""
 
     OPTIONS = ("signature", "api_key")
 
-    def __init__(self, url: str, signature: str = "serving_default", api_key: str | None = None):
+    def __init__(
+        self, url: str, signature: str = contract.SERVING_DEFAULT, api_key: str | None = None
+    ):
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:
             raise UserInputError(f"target URL {url!r}: expected grpc://host:port/<model>")
@@ -116,7 +60,7 @@ class GrpcTarget(Target):
         self._metadata = [("x-api-key", api_key)] if api_key else None
         self._channel = grpc.insecure_channel(parts.netloc, options=_OPTIONS)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._spec: TargetSpec | None = None
+        self._chosen: ChosenSignature | None = None
 
     def _model_spec(self, spec) -> None:
         spec.name = self.model
@@ -126,7 +70,7 @@ class GrpcTarget(Target):
         elif self.label is not None:
             spec.version_label = self.label
 
-    def describe(self) -> TargetSpec:
+    def describe(self) -> TargetInfo:
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         self._model_spec(request.model_spec)
         request.model_spec.signature_name = ""
@@ -137,61 +81,52 @@ class GrpcTarget(Target):
             raise classify_rpc_error(e, f"target {self.url} metadata") from e
         sigs = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(sigs)
-        self._input, self._dtype, shape, self._labels_out, self._scores_out, outputs = (
-            parse_signature(self.url, sigs, self.signature)
-        )
-        num_classes = outputs[self._scores_out][1][1] if self._scores_out else None
-        self._spec = TargetSpec(
-            url=self.url,
-            input_shape=shape,
-            num_classes=int(num_classes) if num_classes and num_classes > 0 else 0,
-            has_scores=self._scores_out is not None,
-            details={
+        chosen = self._chosen = choose_from_map(self.url, sigs, self.signature)
+        return chosen.target_info(
+            self.url,
+            {
                 "transport": "grpc",
                 "model": self.model,
                 "version": response.model_spec.version.value,
                 "signature": self.signature,
-                "input": self._input,
-                "input_dtype": self._dtype.name,
-                "outputs": sorted(outputs),
+                "input": chosen.input,
+                "input_dtype": chosen.input_dtype.name,
             },
         )
-        return self._spec
 
-    def predict(self, images: np.ndarray, timeout_s: float = 30.0, encoded=None) -> Prediction:
-        if self._spec is None:
+    def predict(
+        self, images: np.ndarray, timeout_s: float = 30.0, encoded: list[bytes] | None = None
+    ) -> Prediction:
+        if self._chosen is None:
             self.describe()
+        chosen = self._chosen
         request = predict_pb2.PredictRequest()
         self._model_spec(request.model_spec)
-        array = np.ascontiguousarray(images, dtype=self._dtype.as_numpy_dtype)
-        request.inputs[self._input].CopyFrom(
+        array = np.ascontiguousarray(images, dtype=chosen.input_dtype.as_numpy_dtype)
+        request.inputs[chosen.input].CopyFrom(
             tensor_pb2.TensorProto(
-                dtype=self._dtype.as_datatype_enum,
+                dtype=chosen.input_dtype.as_datatype_enum,
                 tensor_shape=tensor_shape_pb2.TensorShapeProto(
                     dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
                 ),
                 tensor_content=array.tobytes(),
             )
         )
-        for alias in (self._labels_out, self._scores_out):
-            if alias:
-                request.output_filter.append(alias)
+        wanted = [a for a in (chosen.labels_out, chosen.scores_out) if a]
+        request.output_filter.extend(wanted)
+        where = f"target {self.url}"
         try:
             response = self._stub.Predict(request, timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise classify_rpc_error(e, f"target {self.url}") from e
-        return _prediction(response.outputs, self._labels_out, self._scores_out)
+            raise classify_rpc_error(e, where) from e
+        outputs = {
+            alias: decode_tensor_proto(response.outputs[alias], alias, where)
+            for alias in wanted
+            if alias in response.outputs
+        }
+        if not outputs:
+            raise PermanentError(f"{where}: answer has none of the outputs {wanted}")
+        return prediction_from_outputs(outputs, chosen.labels_out, chosen.scores_out, where)
 
     def close(self) -> None:
         self._channel.close()
-
-
-def _prediction(outputs, labels_out, scores_out) -> Prediction:
-    scores = proto_to_numpy(outputs[scores_out], scores_out) if scores_out else None
-    if labels_out and labels_out in outputs:
-        labels = proto_to_numpy(outputs[labels_out], labels_out)
-    elif scores is not None:
-        labels = scores.argmax(axis=-1)
-    else:
-        raise PermanentError(f"answer lacks the {labels_out!r} output")
-    return Prediction(np.asarray(labels).astype(np.int64), scores)

@@ -18,9 +18,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from copycat_tf.data import balance as balance_lib
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.errors import UserInputError
 from copycat_tf.models import registry
+from copycat_tf.recipe import Recipe, TrainConfig
 from copycat_tf.training import export, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
@@ -28,7 +30,7 @@ METRICS_FILE = "metrics.json"
 
 
 @dataclasses.dataclass
-class CopycatConfig:
+class TrainCopycatConfig:
     """Everything `run_train_copycat` needs.
 
     Attributes:
@@ -39,17 +41,18 @@ class CopycatConfig:
       model_name: exported model's name.
       version: export version; None picks the next free one.
       balance: "replicate" (2021 paper), "resample" or "none".
+      max_replication: cap of a class's replication per epoch (0: none).
       soft_labels: train on the stored score vectors (needs steal --label_mode=scores or
         topk:K) instead of the hard labels.
       holdout_percent: share of each fake dataset held out for model selection.
       weights: optional local weights file to start from (e.g. ImageNet VGG-16).
-      train: stage-1 hyper-parameters.
+      train: stage-1 hyper-parameters (default: the Recipe's).
       pd_fake_dataset: steal output directories of target-labelled PD images ([] = no
         NPD+PD stage).
-      finetune: stage-2 hyper-parameters (lower learning rate).
+      finetune: stage-2 hyper-parameters (default: the Recipe's, lower learning rate).
       class_names: names shipped with the export (default class_0, class_1, ...).
       max_records: train on the first N queries of the fake dataset only (0: all), e.g.
-        to measure a smaller query budget on one harvested dataset.
+        to measure a smaller query budget on one stolen dataset.
     """
 
     fake_dataset: list[str]
@@ -58,20 +61,21 @@ class CopycatConfig:
     model_base_path: str = ""
     model_name: str = "copycat"
     version: int | None = None
-    balance: str = "replicate"
+    balance: str = Recipe.balance
+    max_replication: float = Recipe.max_replication
     soft_labels: bool = False
-    holdout_percent: int = 5
+    holdout_percent: int = Recipe.holdout_percent
     weights: str | None = None
-    train: trainer.TrainConfig = dataclasses.field(default_factory=trainer.TrainConfig)
+    train: TrainConfig | None = None
     pd_fake_dataset: list[str] = dataclasses.field(default_factory=list)
-    finetune: trainer.TrainConfig = dataclasses.field(
-        default_factory=lambda: trainer.TrainConfig(epochs=5, learning_rate=1e-4)
-    )
+    finetune: TrainConfig | None = None
     class_names: list[str] = dataclasses.field(default_factory=list)
     max_records: int = 0
 
 
-def _split(data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int):
+def training_split(
+    data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int, max_replication: float
+):
     """(train dataset of one balanced epoch, held-out dataset, epoch size, class counts)."""
     held = fd.holdout_mask(data.query_indices, percent)
     if held.any():
@@ -90,7 +94,7 @@ def _split(data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int)
     train = records.filter(lambda *r: tf.logical_not(is_held(*r)))
     # Decode once: the balanced sampler reads each class many times per epoch.
     train = train.map(lambda image, label, scores, index: (image, label, scores)).cache()
-    train, targets = fd.balanced(train, counts, balance, seed)
+    train, targets = balance_lib.balanced(train, counts, balance, seed, max_replication)
     if soft:
         train = train.map(lambda image, label, scores: (image, scores))
     else:
@@ -102,15 +106,15 @@ def _split(data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int)
 def _stage(
     name: str,
     data: fd.FakeData,
-    cfg: CopycatConfig,
-    config: trainer.TrainConfig,
+    cfg: TrainCopycatConfig,
+    config: TrainConfig,
     build,
     strategy,
     class_names,
 ) -> tuple[trainer.TrainResult, dict]:
     config = dataclasses.replace(config, soft_labels=cfg.soft_labels, cache=False)
-    train, heldout, epoch_size, counts, targets, n_held = _split(
-        data, cfg.holdout_percent, cfg.balance, cfg.soft_labels, config.seed
+    train, heldout, epoch_size, counts, targets, n_held = training_split(
+        data, cfg.holdout_percent, cfg.balance, cfg.soft_labels, config.seed, cfg.max_replication
     )
     logging.info(
         "%s: %d records (%d held out); stolen labels per class %s -> %s per epoch (%s)",
@@ -151,11 +155,12 @@ def _stage(
         "epochs_done": len(result.history),
         "heldout_agreement": best["eval/accuracy"],
         "heldout_macro_f1": best["eval/macro_f1"],
+        "train_seconds": trainer.history_seconds(result.history),
     }
     return result, info
 
 
-def _check_dataset(data: fd.FakeData, cfg: CopycatConfig, what: str) -> None:
+def _check_dataset(data: fd.FakeData, cfg: TrainCopycatConfig, what: str) -> None:
     if cfg.soft_labels and not data.has_scores:
         raise UserInputError(
             f"--soft_labels needs score vectors, but {what} {data.directories} was stolen "
@@ -171,7 +176,7 @@ def _check_dataset(data: fd.FakeData, cfg: CopycatConfig, what: str) -> None:
 
 
 def run_train_copycat(
-    cfg: CopycatConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
+    cfg: TrainCopycatConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
 ) -> dict:
     """Trains (or resumes) the copycat, writes metrics.json, exports the SavedModel.
 
@@ -179,12 +184,20 @@ def run_train_copycat(
       UserInputError: bad fake dataset (missing, corrupt, unknown schema, incompatible),
         model, workdir or export directory.
     """
+    recipe = Recipe()
+    cfg = dataclasses.replace(
+        cfg,
+        train=cfg.train or recipe.train_config(),
+        finetune=cfg.finetune or recipe.finetune_config(),
+    )
     if cfg.model not in registry.MODELS:
         raise UserInputError(
             f"unknown --model {cfg.model!r}; valid names: {', '.join(sorted(registry.MODELS))}"
         )
-    if cfg.balance not in fd.BALANCE_MODES:
-        raise UserInputError(f"--balance={cfg.balance!r}; valid: {', '.join(fd.BALANCE_MODES)}")
+    if cfg.balance not in balance_lib.BALANCE_MODES:
+        raise UserInputError(
+            f"--balance={cfg.balance!r}; valid: {', '.join(balance_lib.BALANCE_MODES)}"
+        )
     if not 1 <= cfg.holdout_percent <= 50:
         raise UserInputError(f"--holdout_percent={cfg.holdout_percent}; expected 1..50")
     data = fd.load_fake_data(cfg.fake_dataset)
@@ -213,6 +226,7 @@ def run_train_copycat(
         "pd_fake_dataset": [os.path.abspath(d) for d in cfg.pd_fake_dataset],
         "model": cfg.model,
         "balance": cfg.balance,
+        "max_replication": cfg.max_replication,
         "soft_labels": cfg.soft_labels,
         "holdout_percent": cfg.holdout_percent,
         "max_records": cfg.max_records,

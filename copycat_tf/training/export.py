@@ -18,15 +18,17 @@ import uuid
 import keras
 import tensorflow as tf
 
+from copycat_tf.contract import (
+    INPUT_IMAGE_BYTES,
+    INPUT_IMAGES,
+    OUTPUT_CLASSES,
+    OUTPUT_SCORES,
+    SERVING_BYTES,
+    SERVING_DEFAULT,
+)
 from copycat_tf.errors import UserInputError
 from copycat_tf.workdir import atomic_write_json
 
-SERVING_DEFAULT = "serving_default"
-SERVING_BYTES = "serving_bytes"
-INPUT_IMAGES = "images"
-INPUT_IMAGE_BYTES = "image_bytes"
-OUTPUT_SCORES = "scores"
-OUTPUT_CLASSES = "classes"
 ASSETS_EXTRA = "assets.extra"
 CLASS_NAMES_FILE = "class_names.txt"
 DESCRIPTION_FILE = "copycat_tf.json"

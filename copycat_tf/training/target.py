@@ -8,9 +8,10 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from copycat_tf.data import pipeline, problem_domain
+from copycat_tf.data import batches, problem_domain
 from copycat_tf.errors import UserInputError
 from copycat_tf.models import registry
+from copycat_tf.recipe import TargetRecipe, TrainConfig
 from copycat_tf.training import export, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
@@ -18,7 +19,7 @@ METRICS_FILE = "metrics.json"
 
 
 @dataclasses.dataclass
-class TargetConfig:
+class TrainTargetConfig:
     """Everything `run_train_target` needs.
 
     Attributes:
@@ -31,7 +32,7 @@ class TargetConfig:
       data_dir: data directory for fashion_mnist / tfds specs.
       image_size: (H, W) to resize the PD images to, or None.
       weights: optional local weights file for the model.
-      train: training hyper-parameters.
+      train: training hyper-parameters (default: the TargetRecipe's).
     """
 
     pd_data: str
@@ -43,11 +44,11 @@ class TargetConfig:
     data_dir: str | None = None
     image_size: tuple[int, int] | None = None
     weights: str | None = None
-    train: trainer.TrainConfig = dataclasses.field(default_factory=trainer.TrainConfig)
+    train: TrainConfig | None = None
 
 
 def run_train_target(
-    cfg: TargetConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
+    cfg: TrainTargetConfig, strategy: tf.distribute.Strategy | None = None, flags_text: str = ""
 ) -> dict:
     """Trains the target, writes test metrics, exports the SavedModel.
 
@@ -60,6 +61,8 @@ def run_train_target(
     Raises:
       UserInputError: bad data spec, model name, workdir or export directory.
     """
+    if cfg.train is None:
+        cfg = dataclasses.replace(cfg, train=TargetRecipe().train_config())
     spec = problem_domain.parse_pd_spec(cfg.pd_data)
     if cfg.model not in registry.MODELS:
         raise UserInputError(
@@ -112,7 +115,7 @@ def run_train_target(
     )
     test = trainer.evaluate_model(
         result.model,
-        pipeline.eval_batches(domain.split("test"), 512, cache=False),
+        batches.eval_batches(domain.split("test"), 512, cache=False),
         domain.num_classes,
     )
     with tf.summary.create_file_writer(
@@ -140,6 +143,7 @@ def run_train_target(
         "input_shape": list(domain.input_shape),
         "best_epoch": result.best_epoch,
         "epochs_done": len(result.history),
+        "train_seconds": trainer.history_seconds(result.history),
         "train_seconds_this_run": round(result.train_seconds, 1),
         "test": test,
         "export_dir": export_dir,

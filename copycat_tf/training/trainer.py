@@ -26,8 +26,9 @@ import tensorflow as tf
 from absl import logging
 
 from copycat_tf import viz
-from copycat_tf.data import augment, pipeline
+from copycat_tf.data import augment, batches
 from copycat_tf.evaluation import metrics
+from copycat_tf.recipe import TrainConfig
 from copycat_tf.workdir import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,39 +36,6 @@ STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
 TENSORBOARD_DIR = "tensorboard"
 _PREDICT_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """How to train; shared by train_target and train_copycat.
-
-    Attributes:
-      epochs: total epochs (a resumed run trains only the missing ones).
-      batch_size: global batch size (split over replicas by the strategy).
-      learning_rate: peak learning rate of AdamW with cosine decay.
-      weight_decay: AdamW decoupled weight decay.
-      augment: name of a training augmenter (data.augment.AUGMENTERS).
-      seed: shuffling, augmentation and initialisation seed.
-      shuffle_buffer: examples in the shuffle buffer.
-      monitor: eval metric that selects the best epoch ("accuracy" or "macro_f1").
-      verbose: Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
-      soft_labels: training targets are score vectors (distillation loss: cross-entropy
-        against the target's probabilities) instead of integer labels.
-      cache: keep the decoded training examples in memory (off when the caller's dataset
-        changes between epochs, e.g. class-balanced resampling).
-    """
-
-    epochs: int = 10
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: str = "none"
-    seed: int = 0
-    shuffle_buffer: int = 10_000
-    monitor: str = "accuracy"
-    verbose: int = 2
-    soft_labels: bool = False
-    cache: bool = True
 
 
 @dataclasses.dataclass
@@ -108,6 +76,11 @@ def predict_logits(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.nda
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def history_seconds(history: list[dict]) -> float:
+    """Training wall time of a run from its per-epoch history (resumes included)."""
+    return round(sum(h.get("seconds", 0.0) for h in history), 1)
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean sparse softmax cross-entropy of integer labels under `logits`."""
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -126,18 +99,20 @@ def evaluate_model(model: keras.Model, batches: tf.data.Dataset, num_classes: in
 class _EpochKeeper(keras.callbacks.Callback):
     """Per-epoch bookkeeping: NaN guard, evaluation, summaries, atomic checkpoints."""
 
-    def __init__(self, ckpt_dir, writers, eval_batches, num_classes, monitor, state):
+    def __init__(self, ckpt_dir, writers, eval_batches, num_classes, monitor, patience, state):
         super().__init__()
         self.ckpt_dir = ckpt_dir
         self.writers = writers
         self.eval_batches = eval_batches
         self.num_classes = num_classes
         self.monitor = monitor
+        self.patience = patience
         self.state = state
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch + 1
+        self._epoch_start = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
@@ -161,9 +136,12 @@ class _EpochKeeper(keras.callbacks.Callback):
             "eval/loss": scores["loss"],
             "eval/accuracy": scores["accuracy"],
             "eval/macro_f1": scores["macro_f1"],
+            # Wall time of the epoch with its evaluation: summed over the history, the
+            # training time of a run however often it was resumed.
+            "seconds": round(time.monotonic() - self._epoch_start, 2),
         }
         for name, value in record.items():
-            if name != "epoch":
+            if "/" in name:
                 split = name.split("/")[0]
                 with self.writers[split].as_default():
                     tf.summary.scalar(name, value, step=epoch)
@@ -195,6 +173,17 @@ class _EpochKeeper(keras.callbacks.Callback):
             state["best_epoch"], state["best_value"] = epoch, value
         previous = state.get("latest")
         state["epoch"], state["latest"] = epoch, name
+        if self.patience and epoch - state["best_epoch"] >= self.patience:
+            # Recorded before state.json is written, so a resumed run stops here too.
+            state["stopped_early"] = True
+            self.model.stop_training = True
+            logging.info(
+                "no better eval/%s for %d epochs: stopping after epoch %d (best %d)",
+                self.monitor,
+                self.patience,
+                epoch,
+                state["best_epoch"],
+            )
         atomic_write_json(os.path.join(self.ckpt_dir, STATE_FILE), state)
         if previous and previous != name:
             _remove_quietly(os.path.join(self.ckpt_dir, previous))
@@ -270,8 +259,13 @@ def train_classifier(
     steps_per_epoch = max(1, math.ceil(num_train / config.batch_size))
     with strategy.scope():
         model = build_model()
+        warmup = round(config.warmup_epochs * steps_per_epoch)
         schedule = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=steps_per_epoch * config.epochs, alpha=0.01
+            0.0 if warmup else config.learning_rate,
+            decay_steps=max(1, steps_per_epoch * config.epochs - warmup),
+            alpha=0.01,
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
         )
         if config.soft_labels:
             loss = keras.losses.CategoricalCrossentropy(from_logits=True)
@@ -299,13 +293,15 @@ def train_classifier(
         _write_start_summaries(writers, train_ds, class_names, hparams or {})
 
     augmenter = augment.build_augmenter(config.augment, input_shape, seed=config.seed)
-    train_batches = pipeline.training_batches(
+    train_batches = batches.training_batches(
         train_ds, config.batch_size, augmenter, config.shuffle_buffer, config.seed, config.cache
     )
-    eval_batches = pipeline.eval_batches(eval_ds, max(config.batch_size, 256))
-    keeper = _EpochKeeper(ckpt_dir, writers, eval_batches, len(class_names), config.monitor, state)
+    eval_batches = batches.eval_batches(eval_ds, max(config.batch_size, 256))
+    keeper = _EpochKeeper(
+        ckpt_dir, writers, eval_batches, len(class_names), config.monitor, config.patience, state
+    )
     start = time.monotonic()
-    if resumed_from < config.epochs:
+    if resumed_from < config.epochs and not state.get("stopped_early"):
         model.fit(
             train_batches,
             epochs=config.epochs,

@@ -1,0 +1,222 @@
+"""The producer: a thread walking the NPD stream into batches ready to send.
+
+It starts at the committed watermark, passes over positions already answered (recovered
+from the journal), encodes each new image as PNG once (stored in the dataset and sent by
+REST/JSON clients), and stops once `remaining` queries are produced and no recovered
+answer lies further on, or when the stream ends. Items are pure functions of their
+index, so a window of them is computed by several threads (decoding pictures releases
+the GIL) and then taken in order: the result is the same as one thread's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from copycat_tf.attack.adaptation import Exploration
+from copycat_tf.data.images import png_bytes
+from copycat_tf.data.npd import NpdStream
+
+
+@dataclasses.dataclass
+class NpdBatch:
+    """Stream positions in order; the ones to send with their images.
+
+    Attributes:
+      order: every index covered, in stream order (answered, skipped or to send).
+      query: indices to send.
+      images, pngs, sources: pixels, their PNG and source id, one per query index.
+      skips: (index, source_id, error) of unreadable NPD items.
+      end: the stream is exhausted after this batch.
+    """
+
+    order: list[int] = dataclasses.field(default_factory=list)
+    query: list[int] = dataclasses.field(default_factory=list)
+    images: list[np.ndarray] = dataclasses.field(default_factory=list)
+    pngs: list[bytes] = dataclasses.field(default_factory=list)
+    sources: list[str] = dataclasses.field(default_factory=list)
+    skips: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    end: bool = False
+
+
+class Producer:
+    """Runs `NpdStream` on its own thread, `capacity` batches ahead of the sender.
+
+    Args:
+      stream: the worker's NPD stream.
+      start: the first stream index to cover (the committed watermark).
+      answered: indices >= start already answered or skipped (recovered).
+      remaining: new queries to produce.
+      batch_size: queries per batch.
+      capacity: batches produced ahead.
+      workers: threads computing NPD items (1 when the stream is not thread-safe).
+      exploration: for an adaptive preparation, the exploration whose answers set the
+        arm weights before the first position past it is produced.
+    """
+
+    def __init__(
+        self,
+        stream: NpdStream,
+        start: int,
+        answered: set[int],
+        remaining: int,
+        batch_size: int,
+        capacity: int,
+        workers: int = 2,
+        exploration: Exploration | None = None,
+    ):
+        self.stream = stream
+        self.start_index = start
+        self.answered = answered
+        self.remaining = remaining
+        self.batch_size = batch_size
+        self.workers = workers if stream.thread_safe else 1
+        self.done = False  # every batch has been taken
+        self.produced = 0  # queries produced so far
+        self.exploration = exploration
+        self.adaptation: dict | None = None  # set once the arm weights are adapted
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="npd", daemon=True)
+
+    def __enter__(self) -> Producer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Asks the thread to stop producing (it ends at its next position)."""
+        self._stop.set()
+
+    def next(self, timeout_s: float) -> NpdBatch | None:
+        """The next batch, or None when none is ready within the timeout or all are taken.
+
+        Raises:
+          Exception: whatever the stream raised on the producer thread.
+        """
+        if self.done:
+            return None
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if item is None:
+            self.done = True
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _run(self) -> None:
+        try:
+            self._produce()
+        except BaseException as e:  # handed to the main loop by next()
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _items(self, pool) -> Iterator:
+        """(index, item) of every stream position from the start, item None for positions
+        already answered. Items are computed a window at a time: as many new positions as
+        the budget still needs (at most a batch), so little is computed in vain. A window
+        never crosses the end of an adaptive preparation's exploration: there the
+        generator yields (None, None) and resumes once the arm weights are set."""
+        indices = self.stream.indices(self.start_index)
+        held = None
+        while True:
+            window, fresh = [], []
+            want = min(self.batch_size, self._need)
+            while len(fresh) < want and len(window) < 4 * self.batch_size:
+                k = held if held is not None else next(indices)
+                held = None
+                if self._needs_weights(k):
+                    if window:  # finish the exploration's last window first
+                        held = k
+                        break
+                    yield None, None
+                window.append(k)
+                if k not in self.answered:
+                    fresh.append(k)
+            if not window:  # nothing more is needed: pass over answered positions only
+                k = held if held is not None else next(indices)
+                held = None
+                window, fresh = [k], []
+            items = dict(zip(fresh, self._compute(pool, fresh), strict=True))
+            for k in window:
+                yield k, items.get(k)
+
+    def _needs_weights(self, k: int) -> bool:
+        return (
+            self.exploration is not None
+            and self.stream.arm_weights is None
+            and k >= self.exploration.bound
+        )
+
+    def _compute(self, pool, indices: list[int]) -> list:
+        """stream.item of each index, contiguous blocks per thread (consecutive crops of a
+        picture share its decoding)."""
+        if self.workers == 1 or len(indices) < 2:
+            return [self.stream.item(k) for k in indices]
+        size = -(-len(indices) // self.workers)
+        blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        done = pool.map(lambda block: [self.stream.item(k) for k in block], blocks)
+        return [item for block in done for item in block]
+
+    def _produce(self) -> None:
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="npd") as pool:
+            self._produce_with(pool)
+
+    def _produce_with(self, pool) -> None:
+        remaining = self._need = self.remaining
+        last_answered = max(self.answered, default=-1)
+        batch = NpdBatch()
+        # A batch also closes after many positions without queries (a long run of
+        # recovered answers), so commits keep moving.
+        max_positions = 4 * max(self.batch_size, 64)
+        for k, item in self._items(pool):
+            if self._stop.is_set():
+                return
+            if k is None:  # the exploration is over: send what is ready, then adapt
+                self._put(batch)
+                batch = NpdBatch()
+                if not self.exploration.wait(self._stop):
+                    return
+                self.adaptation = self.exploration.adapt()
+                continue
+            if remaining == 0 and k > last_answered:
+                break
+            if k in self.answered:
+                batch.order.append(k)
+            elif remaining > 0:
+                if item is None:
+                    batch.end = True
+                    break
+                batch.order.append(k)
+                if item.image is None:
+                    batch.skips.append((k, item.source_id, item.error))
+                else:
+                    batch.query.append(k)
+                    batch.images.append(item.image)
+                    batch.pngs.append(png_bytes(item.image))
+                    batch.sources.append(item.source_id)
+                    remaining -= 1
+                    self._need = remaining
+                    self.produced += 1
+            if len(batch.query) >= self.batch_size or len(batch.order) >= max_positions:
+                self._put(batch)
+                batch = NpdBatch()
+        self._put(batch)
+        self._put(None)

@@ -1,0 +1,397 @@
+"""The steal: NPD images in, a durable fake dataset of stolen labels out.
+
+A producer thread walks the NPD stream (`attack.producer`); the dispatcher sends its
+batches with up to `max_in_flight` concurrent requests, a client-side rate limit and
+retries (`attack.dispatch`); each answer is journaled at once and records are committed in
+stream order as shards (`attack.writer`). So a killed run resumes after the last committed
+record, re-sends nothing answered, and ends with the same records and shard boundaries as
+an uninterrupted run. The query budget (images answered) is never exceeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+
+from copycat_tf.attack.adaptation import Exploration, committed_labels
+from copycat_tf.attack.dispatch import Dispatcher
+from copycat_tf.attack.label_modes import LabelMode, parse_label_mode
+from copycat_tf.attack.producer import NpdBatch, Producer
+from copycat_tf.attack.progress import TENSORBOARD_DIR, LabelStats, StealMonitor
+from copycat_tf.attack.writer import FakeDatasetWriter
+from copycat_tf.data import fake_dataset as fd
+from copycat_tf.data.npd import NpdStream
+from copycat_tf.data.preparation import Preparation
+from copycat_tf.errors import UserInputError
+from copycat_tf.recipe import Recipe
+from copycat_tf.targets.base import (
+    PermanentError,
+    Prediction,
+    TargetError,
+    TargetInfo,
+    TransientError,
+)
+from copycat_tf.targets.registry import open_target
+from copycat_tf.targets.retry import RetryPolicy
+
+
+@dataclasses.dataclass
+class StealConfig:
+    """Everything `steal` needs (the steal flags, minus process state).
+
+    Attributes:
+      target: target URL (see targets.registry.open_target).
+      npd: NPD spec (see data.npd).
+      output_dir: the fake dataset directory (created; resumed when it holds this run).
+      query_budget: images the target may answer in total (never exceeded).
+      query_batch_size: images per request.
+      max_in_flight: concurrent requests.
+      max_qps: requests per second sent at most (0: no client-side limit).
+      label_mode: "hard" (top-1), "topk:K" (K best scores kept) or "scores".
+      seed: NPD order, crops and synthetic images.
+      shard_index, num_shards: this worker's part of the NPD stream.
+      crops_per_image: NPD items per source picture (in one pass).
+      preparation: how natural NPD pictures are prepared (None: the Recipe's).
+      records_per_shard: records in each committed shard.
+      retry: request timeout and retry policy.
+      num_classes: the target's class count when its metadata does not tell (label-only).
+      npd_data_dir: data dir for tfds: and pd: NPD sources.
+      target_options: client options (api_key, request_template, ...).
+      progress: draw a progress line on stderr.
+      skew_check_after: answers after which skewed stolen labels are warned about.
+    """
+
+    target: str
+    npd: str
+    output_dir: str
+    query_budget: int
+    query_batch_size: int = Recipe.query_batch_size
+    max_in_flight: int = Recipe.max_in_flight
+    max_qps: float = 0.0
+    label_mode: str = Recipe.label_mode
+    seed: int = Recipe.seed
+    shard_index: int = 0
+    num_shards: int = 1
+    crops_per_image: int = Recipe.crops_per_image
+    preparation: Preparation | None = None
+    records_per_shard: int = 10_000
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    num_classes: int = 0
+    npd_data_dir: str | None = None
+    target_options: dict = dataclasses.field(default_factory=dict)
+    progress: bool = True
+    skew_check_after: int = 2000
+
+
+def _describe(cfg: StealConfig, mode: LabelMode):
+    """(client, TargetInfo, num_classes) with one-line errors for unusable targets."""
+    client = open_target(cfg.target, **cfg.target_options)
+    try:
+        info = client.describe()
+    except TransientError as e:
+        raise UserInputError(
+            f"target {cfg.target} is unreachable or unavailable ({e}); start the model server "
+            "or check the URL"
+        ) from e
+    except PermanentError as e:
+        raise UserInputError(f"target {cfg.target} refused the metadata request: {e}") from e
+    if mode.needs_scores and info.has_scores is False:
+        raise UserInputError(
+            f"target {cfg.target} answers labels only (no scores); --label_mode="
+            f"{cfg.label_mode} needs scores. Use --label_mode=hard"
+        )
+    num_classes = cfg.num_classes or info.num_classes
+    if num_classes < 2:
+        raise UserInputError(
+            f"target {cfg.target} does not say how many classes it has (label-only answers); "
+            "pass --num_classes"
+        )
+    return client, info, num_classes
+
+
+def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Preparation) -> dict:
+    # The model, not its address: a resumed run may reach the same model on another port
+    # or over the other API (the URL used is kept in target_details).
+    return {
+        "target": {
+            "model": info.details.get("model", cfg.target),
+            "input_shape": list(info.input_shape),
+            "num_classes": num_classes,
+        },
+        "npd": {
+            "spec": cfg.npd,
+            "seed": cfg.seed,
+            "crops_per_image": cfg.crops_per_image,
+            "shard_index": cfg.shard_index,
+            "num_shards": cfg.num_shards,
+            "preparation": prep.to_dict(),
+        },
+        "label_mode": cfg.label_mode,
+        "records_per_shard": cfg.records_per_shard,
+    }
+
+
+def _records(batch: NpdBatch, answer: Prediction, mode: LabelMode, shape) -> list:
+    """(index, serialized Example, label) of each answered query."""
+    out = []
+    for i, k in enumerate(batch.query):
+        label = int(answer.labels[i])
+        scores = None if answer.scores is None else answer.scores[i]
+        example = fd.make_example(
+            batch.pngs[i], shape, batch.sources[i], k, label, mode.stored_scores(scores)
+        )
+        out.append((k, example, label))
+    return out
+
+
+def steal(cfg: StealConfig) -> dict:
+    """Runs (or resumes) a steal; returns the final manifest.
+
+    Raises:
+      UserInputError: bad target, NPD spec, output directory or flags; or a permanent
+        query error (everything answered before it is kept, and a re-run continues).
+      KeyboardInterrupt: Ctrl-C (everything answered is kept).
+    """
+    run = _StealRun(cfg)
+    error: BaseException | None = None
+    try:
+        with run.producer:
+            while True:
+                # Keep up to max_in_flight requests going while the producer has batches.
+                while error is None and run.dispatcher.has_room:
+                    batch = run.producer.next(timeout_s=0.02 if run.dispatcher.busy else 0.5)
+                    if batch is None:
+                        break
+                    run.send(batch)
+                if not run.dispatcher.busy and (run.producer.done or error is not None):
+                    break
+                for batch, answer in run.dispatcher.completed(timeout_s=0.5):
+                    error = error or run.receive(batch, answer)
+                run.writer.advance()
+    except KeyboardInterrupt as e:
+        error = e
+    return run.finish(error)
+
+
+class _StealRun:
+    """The parts of one steal and what happens to a batch on its way out and back."""
+
+    def __init__(self, cfg: StealConfig):
+        self.cfg = cfg
+        self.mode = parse_label_mode(cfg.label_mode)
+        if cfg.query_budget < 1:
+            raise UserInputError(f"--query_budget={cfg.query_budget}; expected at least 1")
+        prep = cfg.preparation or Preparation.of(Recipe())
+        self.client, self.info, num_classes = _describe(cfg, self.mode)
+        stream = NpdStream(
+            cfg.npd,
+            self.info.input_shape,
+            cfg.seed,
+            cfg.crops_per_image,
+            cfg.shard_index,
+            cfg.num_shards,
+            cfg.npd_data_dir,
+            prep,
+        )
+        details = {"url": cfg.target, **self.info.details}
+        self.writer = writer = FakeDatasetWriter(
+            cfg.output_dir,
+            _identity(cfg, self.info, num_classes, prep),
+            {"query_budget": cfg.query_budget, "target_details": details},
+            num_classes,
+            cfg.records_per_shard,
+        )
+        if writer.recovered:
+            logging.info(
+                "resuming %s: %d records committed, %d answers recovered from the journal",
+                cfg.output_dir,
+                writer.manifest["records"],
+                writer.recovered,
+            )
+        self.dispatcher = Dispatcher(
+            self.client, num_classes, cfg.max_in_flight, cfg.retry, cfg.max_qps
+        )
+        writer.take_counters = self.dispatcher.stats.take
+        self.labels = LabelStats(num_classes, writer.answered_labels())
+        self.labels.add_counts(writer.manifest["label_histogram"])
+        self.spent_before = writer.spent
+        self.exploration = _exploration(stream, writer, num_classes)
+        self.producer = Producer(
+            stream,
+            writer.next_index,
+            set(writer.settled),
+            max(cfg.query_budget - writer.spent, 0),
+            cfg.query_batch_size,
+            capacity=cfg.max_in_flight + 2,
+            exploration=self.exploration,
+        )
+        self.monitor = StealMonitor(
+            cfg.output_dir,
+            cfg.query_budget,
+            writer.spent,
+            self.labels,
+            cfg.progress,
+            summary_every=max(cfg.query_batch_size, cfg.query_budget // 100),
+        )
+        self.skew = _SkewCheck(
+            self.labels, min(cfg.skew_check_after, max(1, cfg.query_budget // 2))
+        )
+        self.exhausted = False
+
+    def _settle(self, index: int, label: int | None) -> None:
+        if self.exploration is not None:
+            self.exploration.settle(index, label)
+
+    def send(self, batch: NpdBatch) -> None:
+        """Journals a batch's skips and sends its queries."""
+        if batch.end and not self.exhausted:
+            self.exhausted = True
+            reachable = self.spent_before + self.producer.produced
+            _report_exhausted(self.cfg, reachable)
+            self.writer.write_manifest(npd_exhausted_at=reachable)
+        _record_adaptation(self.producer, self.writer)
+        self.writer.expect(batch.order)
+        self.writer.add_skips(batch.skips)
+        for k, _, _ in batch.skips:
+            self._settle(k, None)
+        if batch.query:
+            self.dispatcher.submit(batch, _stack(batch), batch.pngs)
+        self.writer.advance()
+
+    def receive(self, batch: NpdBatch, answer) -> TargetError | None:
+        """Journals an answered batch; returns the error that ended its retries, if any."""
+        if isinstance(answer, TargetError):
+            self.producer.stop()
+            return answer
+        records = _records(batch, answer, self.mode, self.info.input_shape)
+        self.writer.add_records(records)
+        for k, _, label in records:
+            self._settle(k, label)
+        self.labels.add([label for _, _, label in records])
+        retries = _retries(self.writer, self.dispatcher)
+        self.monitor.answered(len(records), retries, batch.images, answer.labels)
+        self.skew.check(self.writer)
+        return None
+
+    def finish(self, error: BaseException | None) -> dict:
+        """Final commits and manifest; raises what stopped the run, if anything did."""
+        cfg, writer = self.cfg, self.writer
+        self.dispatcher.shutdown()
+        self.monitor.close(_retries(writer, self.dispatcher))
+        _record_adaptation(self.producer, writer)
+        complete = error is None and self.producer.done
+        writer.advance(final=complete)
+        status = "in_progress"
+        if complete:
+            status = (
+                "exhausted" if self.exhausted and writer.spent < cfg.query_budget else "complete"
+            )
+        elif error is not None:
+            status = "stopped"
+        writer.write_manifest(status=status, label_statistics=self.labels.summary())
+        writer.close(complete)
+        self.client.close()
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        if error is not None:
+            raise UserInputError(
+                f"steal stopped: {error}. Everything answered is kept in {cfg.output_dir} "
+                "(re-run the same command to continue)"
+            )
+        return writer.manifest
+
+
+def _exploration(stream: NpdStream, writer: FakeDatasetWriter, num_classes: int):
+    """The exploration of an adaptive preparation (None when the stream does not adapt),
+    with what is already committed or journaled."""
+    if not stream.adapts:
+        return None
+    bound = stream.preparation.adapt_after
+    committed = committed_labels(writer.directory, writer.manifest, bound)
+    exploration = Exploration(stream, writer.next_index, committed, num_classes)
+    for k, (_, _, label) in writer.settled.items():
+        exploration.settle(k, label)
+    return exploration
+
+
+def _record_adaptation(producer: Producer, writer: FakeDatasetWriter) -> None:
+    if producer.adaptation and "npd_adaptation" not in writer.manifest:
+        writer.manifest["npd_adaptation"] = producer.adaptation
+        arms = ", ".join(
+            f"{a['background']}{'/inverted' if a['inverted'] else ''} {100 * a['weight']:.0f}%"
+            for a in producer.adaptation["arms"]
+        )
+        answers = producer.adaptation["answers"]
+        logging.info("steal: NPD preparation adapted after %d answers: %s", answers, arms)
+
+
+def _stack(batch: NpdBatch):
+    import numpy as np
+
+    return np.stack(batch.images)
+
+
+def _retries(writer: FakeDatasetWriter, dispatcher: Dispatcher) -> int:
+    return writer.manifest["retries"] + dispatcher.stats.total("retries")
+
+
+class _SkewCheck:
+    """Warns once, after `after` answers, when the stolen labels are skewed."""
+
+    def __init__(self, labels: LabelStats, after: int):
+        self.labels = labels
+        self.after = after
+        self.done = labels.total >= after  # a resumed run was warned before
+
+    def check(self, writer: FakeDatasetWriter) -> None:
+        if self.done or self.labels.total < self.after:
+            return
+        self.done = True
+        message = self.labels.warning()
+        writer.manifest["label_skew_warning"] = message
+        if message:
+            logging.warning("steal: %s", message)
+
+
+def _report_exhausted(cfg: StealConfig, reachable: int) -> None:
+    logging.warning(
+        "steal: the NPD stream %s ends before the budget: only %d of the %d queries can be "
+        "spent. To reach the budget, give more NPD items: --npd_cycle (a folder starts over "
+        "with new random crops), more --crops_per_image, a larger folder, or a mix: with "
+        "another source",
+        cfg.npd,
+        reachable,
+        cfg.query_budget,
+    )
+
+
+def format_summary(manifest: dict, output_dir: str) -> str:
+    """The lines a user wants after steal."""
+    hist = manifest["label_histogram"]
+    seconds = manifest["steal_seconds"]
+    rate = manifest["queries_spent"] / seconds if seconds else 0.0
+    counted = LabelStats(len(hist))
+    counted.add_counts(hist)
+    stats = counted.summary()
+    lines = [
+        f"steal {manifest['status']}: {manifest['records']} records in "
+        f"{len(manifest['shards'])} shard(s), {manifest['queries_spent']}/"
+        f"{manifest['query_budget']} queries spent",
+        f"  requests {manifest['requests']}, retries {manifest['retries']}, "
+        f"skipped NPD items {manifest['skipped']['count']}, {rate:.0f} images/s",
+        f"  stolen labels per class {hist} (top class {stats['top_class']} at "
+        f"{100 * stats['top_share']:.0f}%, label entropy {stats['entropy_bits']:.2f} of "
+        f"{stats['max_entropy_bits']:.2f} bits)",
+    ]
+    if manifest["status"] == "exhausted":
+        lines.append(
+            f"  the NPD stream ended before the budget: {manifest['queries_spent']} of "
+            f"{manifest['query_budget']} queries spent; give more NPD items to reach it"
+        )
+    lines += [
+        f"  fake dataset  {output_dir}  ({fd.MANIFEST})",
+        f"  TensorBoard   tensorboard --logdir {os.path.join(output_dir, TENSORBOARD_DIR)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The attack's hyper-parameters, with the one set of defaults the whole tool uses.
+
+`TrainConfig` is how one model is trained (the trainer's settings; its hyper-parameters
+have no defaults of their own). `Recipe` is what an attacker chooses: what to send (NPD
+source, budget, batching, label mode, preparation) and how to train the copycat on the
+answers. `TargetRecipe` is how the experiments
+train the target they attack. The verbs' flags, the demo, the study and the benchmarks
+all start from these defaults; flagfiles and command lines override them. No other
+module holds a literal hyper-parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train; shared by train_target and train_copycat.
+
+    Attributes:
+      epochs: total epochs (a resumed run trains only the missing ones).
+      batch_size: global batch size (split over replicas by the strategy).
+      learning_rate: peak learning rate of AdamW with cosine decay.
+      weight_decay: AdamW decoupled weight decay.
+      augment: name of a training augmenter (data.augment.AUGMENTERS).
+      seed: shuffling, augmentation and initialisation seed.
+      warmup_epochs: epochs of linear learning-rate warm-up before the cosine decay.
+      patience: stop after this many epochs without a better eval metric (0: never);
+        the best epoch's weights are kept either way.
+      shuffle_buffer: examples in the shuffle buffer.
+      monitor: eval metric that selects the best epoch ("accuracy" or "macro_f1").
+      verbose: Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+      soft_labels: training targets are score vectors (distillation loss: cross-entropy
+        against the target's probabilities) instead of integer labels.
+      cache: keep the decoded training examples in memory (off when the caller's dataset
+        changes between epochs, e.g. class-balanced resampling).
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    augment: str
+    seed: int
+    warmup_epochs: float
+    patience: int
+    shuffle_buffer: int = 10_000
+    monitor: str = "accuracy"
+    verbose: int = 2
+    soft_labels: bool = False
+    cache: bool = True
+
+
+# Natural NPD images on Debian/Ubuntu (package openclipart-png).
+NATURAL_NPD = "/usr/share/openclipart/png"
+FALLBACK_NPD = "synthetic:shapes"
+
+
+def default_npd() -> str:
+    """Natural images when the Debian openclipart-png pictures are there, else the data-free
+    generator."""
+    if os.path.isdir(NATURAL_NPD) and os.listdir(NATURAL_NPD):
+        return f"folder:{NATURAL_NPD}"
+    return FALLBACK_NPD
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One attack: what is sent to the target and how the copycat learns from the answers.
+
+    Attributes:
+      npd: NPD spec ("" = `default_npd()`).
+      query_budget: images the target answers.
+      query_batch_size: images per request.
+      max_in_flight: concurrent requests.
+      crops_per_image: NPD items per source picture (in one pass over a folder).
+      npd_background, npd_invert, npd_jitter, npd_blur, npd_crop_area, npd_crop_aspect,
+        npd_cycle, npd_adapt_after: how natural pictures are prepared for the target
+        (data.preparation).
+      label_mode: what is kept of each answer: hard, topk:K or scores.
+      model: copycat architecture (models.registry).
+      epochs, batch_size, learning_rate, weight_decay, augment: copycat training.
+      warmup_epochs: learning-rate warm-up before the cosine decay.
+      patience: epochs without better hold-out agreement before training stops (0: never).
+      balance: class balancing of the stolen labels (data.balance).
+      max_replication: no class is shown more than this many times its own records per
+        epoch (0: no cap).
+      holdout_percent: share of the fake dataset held out for model selection.
+      finetune_epochs, finetune_learning_rate: the NPD+PD fine-tuning stage.
+      precision: mixed-precision policy (training.runtime.PRECISIONS).
+      seed: one seed for NPD order, crops and training.
+    """
+
+    npd: str = ""
+    query_budget: int = 50_000
+    query_batch_size: int = 256
+    max_in_flight: int = 4
+    crops_per_image: int = 8
+    npd_background: str = "random"
+    npd_invert: float = 0.5
+    npd_jitter: float = 0.3
+    npd_blur: float = 0.2
+    npd_crop_area: str = "0.02,1.0"
+    npd_crop_aspect: str = "0.75,1.33"
+    npd_cycle: bool = True
+    npd_adapt_after: int = 2048
+    label_mode: str = "hard"
+    model: str = "small_cnn"
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    augment: str = "none"
+    warmup_epochs: float = 0.0
+    patience: int = 3
+    balance: str = "replicate"
+    max_replication: float = 0.0
+    holdout_percent: int = 5
+    finetune_epochs: int = 5
+    finetune_learning_rate: float = 5e-4
+    precision: str = "auto"
+    seed: int = 0
+
+    def resolved_npd(self) -> str:
+        return self.npd or default_npd()
+
+    def train_config(self, verbose: int = 2) -> TrainConfig:
+        """The copycat's training on the NPD fake dataset."""
+        return _train_config(self, verbose)
+
+    def finetune_config(self, verbose: int = 2) -> TrainConfig:
+        """The NPD+PD stage: the same training at a lower learning rate."""
+        return dataclasses.replace(
+            self.train_config(verbose),
+            epochs=self.finetune_epochs,
+            learning_rate=self.finetune_learning_rate,
+        )
+
+    def quick(self) -> Recipe:
+        """A first look in a few minutes (the demo's --quick)."""
+        return dataclasses.replace(self, query_budget=5_000, epochs=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRecipe:
+    """How the experiments train the target (the model under attack)."""
+
+    model: str = "small_cnn"
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    augment: str = "flip"
+    warmup_epochs: float = 0.0
+    patience: int = 0
+    precision: str = "auto"
+    seed: int = 0
+
+    def train_config(self, verbose: int = 2) -> TrainConfig:
+        return _train_config(self, verbose)
+
+    def quick(self) -> TargetRecipe:
+        return dataclasses.replace(self, epochs=2)
+
+
+def _train_config(recipe: Recipe | TargetRecipe, verbose: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        augment=recipe.augment,
+        seed=recipe.seed,
+        warmup_epochs=recipe.warmup_epochs,
+        patience=recipe.patience,
+        verbose=verbose,
+    )

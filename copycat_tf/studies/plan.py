@@ -1,0 +1,253 @@
+"""What a study measures: fake datasets to steal, copycats to train, rows to report.
+
+A study is a plan of three kinds of things:
+
+  DatasetSpec  one steal (its recipe's NPD, budget, crops, label mode, seed)
+  RunSpec      one copycat trained on a dataset (optionally NPD+PD), then evaluated
+  Row          one line of a results table: a group (part), a label and the run it shows
+
+Several rows may show the same run (the 50k natural-NPD copycat is the paper table's NPD
+row, a point of the budget curve and the reference of the other comparisons), and several
+runs may train on the same dataset (a budget curve trains on the first N queries of one
+steal), so nothing is stolen or trained twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from copycat_tf.data.generators import GENERATOR_NAMES
+from copycat_tf.recipe import Recipe
+
+# The parts a study can run, in report order, with their titles.
+PARTS = {
+    "table": "The paper's table",
+    "budget": "Query-budget curve (NPD only)",
+    "sources": "NPD sources",
+    "preparation": "NPD preparation",
+    "generators": "Data-free generators",
+    "label_modes": "Label modes",
+    "balance": "Class balancing",
+    "copycat": "Copycat recipes: accuracy against training time",
+}
+
+
+def copycat_variants(base: Recipe) -> tuple:
+    """Cheaper copycat trainings than the recipe's, on the same stolen labels."""
+    half = max(1, base.epochs // 2)
+    return (
+        ("plain", "`plain_cnn`", {"model": "plain_cnn"}),
+        ("half_epochs", f"{half} epochs", {"epochs": half}),
+        (
+            "fastest",
+            f"`plain_cnn`, balance=resample, {half} epochs",
+            {"model": "plain_cnn", "balance": "resample", "epochs": half},
+        ),
+    )
+
+
+# Preparation variants against the recipe's: (name, row label, recipe fields).
+PREPARATION_VARIANTS = (
+    (
+        "white",
+        "transparency over white, no inversion/jitter/blur, crops 25-100% (before preparation)",
+        {
+            "npd_background": "white",
+            "npd_invert": 0.0,
+            "npd_jitter": 0.0,
+            "npd_blur": 0.0,
+            "npd_crop_area": "0.25,1.0",
+        },
+    ),
+    (
+        "black",
+        "transparency over black, no inversion/jitter/blur, crops 25-100%",
+        {
+            "npd_background": "black",
+            "npd_invert": 0.0,
+            "npd_jitter": 0.0,
+            "npd_blur": 0.0,
+            "npd_crop_area": "0.25,1.0",
+        },
+    ),
+    ("no_adapt", "no adaptation: arms keep their base weights", {"npd_adapt_after": 0}),
+    ("no_invert", "no polarity inversion", {"npd_invert": 0.0}),
+    ("no_jitter_blur", "no jitter, no blur", {"npd_jitter": 0.0, "npd_blur": 0.0}),
+    ("crops_25", "crops of 25-100% of the picture", {"npd_crop_area": "0.25,1.0"}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A fake dataset: `recipe`'s NPD spec, budget, crops, label mode and seed."""
+
+    name: str
+    recipe: Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A copycat: `recipe`'s training on `dataset` (its first `max_records` queries, 0 =
+    all), fine-tuned on `pd_dataset` when set."""
+
+    name: str
+    dataset: str
+    recipe: Recipe
+    max_records: int = 0
+    pd_dataset: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A line of the results table of `group`."""
+
+    group: str
+    label: str
+    run: str
+
+
+@dataclasses.dataclass
+class Plan:
+    """Datasets, runs and rows of a study, in the order they were added."""
+
+    datasets: dict[str, DatasetSpec] = dataclasses.field(default_factory=dict)
+    runs: dict[str, RunSpec] = dataclasses.field(default_factory=dict)
+    rows: list[Row] = dataclasses.field(default_factory=list)
+
+    def dataset(self, name: str, recipe: Recipe) -> str:
+        """Adds a dataset; the same name again must mean the same steal (the largest
+        budget asked for wins, so smaller budgets train on its first queries)."""
+        old = self.datasets.get(name)
+        if old is not None:
+            same = dataclasses.replace(old.recipe, query_budget=recipe.query_budget)
+            if _steal_fields(same) != _steal_fields(recipe):
+                raise ValueError(f"dataset {name!r} planned twice with different steals")
+            if recipe.query_budget <= old.recipe.query_budget:
+                return name
+        self.datasets[name] = DatasetSpec(name, recipe)
+        return name
+
+    def run(self, spec: RunSpec) -> str:
+        """Adds a run; the same name again must be the same run."""
+        old = self.runs.get(spec.name)
+        if old is not None and old != spec:
+            raise ValueError(f"run {spec.name!r} planned twice with different settings")
+        self.runs[spec.name] = spec
+        return spec.name
+
+    def row(self, group: str, label: str, run: str) -> None:
+        self.rows.append(Row(group, label, run))
+
+
+def _steal_fields(recipe: Recipe) -> tuple:
+    return (
+        recipe.resolved_npd(),
+        recipe.crops_per_image,
+        recipe.label_mode,
+        recipe.seed,
+        recipe.query_batch_size,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """The knobs of the standard parts.
+
+    Attributes:
+      recipe: the attack everything is compared to.
+      budgets: query budgets of the budget curve.
+      variant_budget: query budget of the preparation, generator and label-mode
+        comparisons (each against the reference recipe at the same budget).
+      data_free: the generator of the data-free row of the sources part.
+      pd_budget: target-labelled PD images of the NPD+PD and PD-only rows.
+      pd_data: the problem domain.
+      parts: which parts to plan (keys of PARTS).
+    """
+
+    recipe: Recipe
+    budgets: tuple[int, ...]
+    variant_budget: int
+    data_free: str
+    pd_budget: int
+    pd_data: str
+    parts: tuple[str, ...]
+
+
+def _k(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def build_plan(s: PlanSettings) -> Plan:
+    """The plan of the standard parts (see PARTS)."""
+    unknown = [p for p in s.parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown study parts {unknown}; valid: {', '.join(PARTS)}")
+    plan = Plan()
+    base = s.recipe
+    budget = base.query_budget
+    natural = plan.dataset(
+        "natural", dataclasses.replace(base, query_budget=max((budget, *s.budgets)))
+    )
+
+    def npd_run(n: int) -> str:
+        return plan.run(RunSpec(f"npd_{_k(n)}", natural, base, max_records=n))
+
+    reference = npd_run(budget)
+    if "table" in s.parts:
+        pd_recipe = dataclasses.replace(
+            base, npd=f"pd:{s.pd_data}:train", query_budget=s.pd_budget, crops_per_image=1
+        )
+        pd = plan.dataset("pd", pd_recipe)
+        plan.row("table", "copycat, NPD only", reference)
+        plan.row(
+            "table",
+            "copycat, NPD+PD",
+            plan.run(RunSpec("npd_pd", natural, base, max_records=budget, pd_dataset=pd)),
+        )
+        plan.row("table", "PD-only baseline", plan.run(RunSpec("pd_only", pd, pd_recipe)))
+    if "budget" in s.parts:
+        for n in sorted(s.budgets):
+            plan.row("budget", f"{n:,} queries", npd_run(n))
+    if "sources" in s.parts:
+        plan.row("sources", f"natural: `{base.resolved_npd()}`", reference)
+        recipe = dataclasses.replace(base, npd=f"synthetic:{s.data_free}")
+        data = plan.dataset("src_data_free", recipe)
+        run = plan.run(RunSpec("src_data_free", data, recipe))
+        plan.row("sources", f"data-free: `{recipe.npd}`", run)
+    small = dataclasses.replace(base, query_budget=s.variant_budget)
+
+    def variant(group: str, name: str, label: str, recipe: Recipe) -> None:
+        data = plan.dataset(f"{group}_{name}", recipe)
+        plan.row(group, label, plan.run(RunSpec(f"{group}_{name}", data, recipe)))
+
+    if "preparation" in s.parts:
+        plan.row("preparation", "the recipe's preparation", npd_run(s.variant_budget))
+        for name, label, fields in PREPARATION_VARIANTS:
+            variant("prep", name, label, dataclasses.replace(small, **fields))
+    if "generators" in s.parts:
+        plan.row("generators", f"natural: `{base.resolved_npd()}`", npd_run(s.variant_budget))
+        for name in GENERATOR_NAMES:
+            recipe = dataclasses.replace(small, npd=f"synthetic:{name}")
+            variant("gen", name, f"`synthetic:{name}`", recipe)
+        mix = f"mix:0.5*{base.resolved_npd()}|0.5*synthetic:{s.data_free}"
+        variant("gen", "mix", f"`{mix}`", dataclasses.replace(small, npd=mix))
+    if "label_modes" in s.parts:
+        plan.row("label_modes", "hard labels (top-1)", npd_run(s.variant_budget))
+        for mode in ("topk:3", "scores"):
+            recipe = dataclasses.replace(small, label_mode=mode)
+            name = mode.replace(":", "")
+            variant("labels", name, f"`{mode}` (soft labels: distillation)", recipe)
+    if "copycat" in s.parts:
+        plan.row("copycat", "the recipe's copycat", reference)
+        for name, label, fields in copycat_variants(base):
+            recipe = dataclasses.replace(base, **fields)
+            run = RunSpec(f"copycat_{name}", natural, recipe, max_records=budget)
+            plan.row("copycat", label, plan.run(run))
+    if "balance" in s.parts:
+        plan.row("balance", f"balance={base.balance}", reference)
+        for mode in ("replicate", "resample", "none"):
+            if mode != base.balance:
+                recipe = dataclasses.replace(base, balance=mode)
+                run = RunSpec(f"balance_{mode}", natural, recipe, max_records=budget)
+                plan.row("balance", f"balance={mode}", plan.run(run))
+    return plan

@@ -1,0 +1,281 @@
+"""RESULTS.md and the plots of a study, written from study.json alone.
+
+Everything here is a pure function of the study record (and the hand-written PREFACE.md
+next to it), so the same study.json always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from copycat_tf import viz
+from copycat_tf.studies.plan import PARTS
+from copycat_tf.workdir import atomic_write_bytes
+
+RESULTS_MD = "RESULTS.md"
+PREFACE_MD = "PREFACE.md"
+BUDGET_PLOT = "budget_curve.png"
+HEADER = [
+    "copycat",
+    "queries",
+    "accuracy",
+    "macro-F1",
+    "agreement",
+    "acc. ratio",
+    "F1 ratio",
+    "training",
+]
+RECIPE_FIELDS = (
+    "npd",
+    "query_budget",
+    "crops_per_image",
+    "label_mode",
+    "model",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "augment",
+    "balance",
+    "holdout_percent",
+    "finetune_epochs",
+    "finetune_learning_rate",
+    "precision",
+    "seed",
+)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _seconds(s) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+def _queries(run: dict) -> str:
+    stages = run["stages"]
+    text = f"{stages['npd']['records']:,}"
+    if "finetune" in stages:
+        text += f" + {stages['finetune']['records']:,}"
+    return text
+
+
+def _train_seconds(run: dict) -> float:
+    return sum(stage["train_seconds"] or 0 for stage in run["stages"].values())
+
+
+def run_cells(label: str, run: dict) -> list[str]:
+    """One copycat row of a results table."""
+    return [
+        label,
+        _queries(run),
+        f"{run['accuracy']:.4f}",
+        f"{run['macro_f1']:.4f}",
+        f"{run['agreement']:.4f}",
+        _pct(run["ratio_accuracy"]),
+        _pct(run["ratio_macro_f1"]),
+        _seconds(_train_seconds(run)),
+    ]
+
+
+def target_cells(target: dict) -> list[str]:
+    return [
+        "target",
+        "-",
+        f"{target['accuracy']:.4f}",
+        f"{target['macro_f1']:.4f}",
+        "-",
+        "-",
+        "-",
+        _seconds(target.get("train_seconds")),
+    ]
+
+
+def _group_rows(study: dict, group: str) -> list[tuple[str, dict]]:
+    runs = study.get("runs", {})
+    return [
+        (row["label"], runs[row["run"]])
+        for row in study.get("rows", [])
+        if row["group"] == group and row["run"] in runs
+    ]
+
+
+def budget_points(study: dict) -> list[tuple[int, float, float, float]]:
+    """(queries, accuracy ratio, macro-F1 ratio, agreement) of the budget curve."""
+    return sorted(
+        (run["queries"], run["ratio_accuracy"], run["ratio_macro_f1"], run["agreement"])
+        for _, run in _group_rows(study, "budget")
+    )
+
+
+def budget_curve_figure(points: list[tuple[int, float, float, float]], title: str):
+    """Accuracy ratio, macro-F1 ratio and agreement against the query budget (log x)."""
+    plt = viz.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    queries = [p[0] for p in points]
+    for i, label in (
+        (1, "accuracy copycat/target"),
+        (2, "macro-F1 copycat/target"),
+        (3, "agreement with target"),
+    ):
+        ax.plot(queries, [100 * p[i] for p in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(queries, [f"{q / 1000:g}k" for q in queries])
+    ax.set_xlabel("NPD queries")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _recipe_table(study: dict) -> str:
+    """The settings of the reference run (the first row's run)."""
+    rows = study.get("rows", [])
+    runs = study.get("runs", {})
+    first = next((runs[r["run"]] for r in rows if r["run"] in runs), None)
+    if first is None:
+        return ""
+    recipe = first["key"]["recipe"]
+    cells = [[name, f"`{recipe[name]}`"] for name in RECIPE_FIELDS if name in recipe]
+    return markdown_table(["setting", "value"], cells)
+
+
+def _datasets_table(study: dict) -> str:
+    rows = []
+    for name, d in study.get("datasets", {}).items():
+        stats = d["label_statistics"]
+        rows.append(
+            [
+                name,
+                f"`{d['npd']}`",
+                str(d["crops_per_image"]),
+                f"{d['queries_spent']:,} / {d['query_budget']:,}",
+                d["status"],
+                f"{100 * stats['top_share']:.1f}%",
+                f"{stats['entropy_bits']:.2f} / {stats['max_entropy_bits']:.2f}",
+                "`" + str(d["label_histogram"]) + "`",
+                _seconds(d["steal_seconds"]),
+            ]
+        )
+    return markdown_table(
+        [
+            "dataset",
+            "NPD",
+            "crops",
+            "queries spent / budget",
+            "status",
+            "top class",
+            "label entropy (bits)",
+            "stolen labels per class",
+            "steal time",
+        ],
+        rows,
+    )
+
+
+def _totals(study: dict) -> str:
+    steal = sum(d["steal_seconds"] for d in study.get("datasets", {}).values())
+    runs = study.get("runs", {}).values()
+    train = sum(_train_seconds(r) for r in runs)
+    evaluate = sum(r["evaluate_seconds"] for r in runs)
+    return (
+        f"Measured time of all steps: {_seconds(steal + train + evaluate)} (stealing "
+        f"{_seconds(steal)}, copycat training {_seconds(train)}, evaluation "
+        f"{_seconds(evaluate)}); the target's training is in its own table."
+    )
+
+
+def render(study: dict, preface: str = "") -> str:
+    """RESULTS.md of a study record."""
+    name = study.get("name", "study")
+    out = [f"# Results: {name}", ""]
+    if preface.strip():
+        out += [preface.strip(), ""]
+    machine = study.get("machine", {})
+    dates = [
+        item["measured"]
+        for kind in ("datasets", "runs")
+        for item in study.get(kind, {}).values()
+        if "measured" in item
+    ]
+    out += [
+        "## How this was measured",
+        "",
+        "This file is written by the study command from `study.json` (next to it); do not "
+        "edit it by hand. Re-running the command resumes what is unfinished and rewrites it; "
+        "`--render_only` rewrites it from `study.json` alone.",
+        "",
+        "```sh",
+        study.get("command", ""),
+        "```",
+        "",
+        f"Machine: {machine.get('cores', '?')} CPU cores ({machine.get('cpu', '?')}), "
+        f"{machine.get('gpus', 0) or 'no'} GPU, TensorFlow {machine.get('tensorflow', '?')}, "
+        f"Python {machine.get('python', '?')}. Measured "
+        f"{min(dates, default='?')} to {max(dates, default='?')}.",
+        "",
+        _totals(study),
+        "",
+        "Attack recipe of the reference copycat (rows differ only where they say so):",
+        "",
+        _recipe_table(study),
+        "",
+    ]
+    target = study.get("target")
+    if target:
+        out += [
+            "## Target",
+            "",
+            markdown_table(
+                ["model", "data", "epochs", "test accuracy", "test macro-F1", "training"],
+                [
+                    [
+                        f"`{target['model']}`",
+                        f"`{target['pd_data']}` ({target['test_images']:,} test images)",
+                        f"{target['epochs']} (best {target['best_epoch']})",
+                        f"{target['accuracy']:.4f}",
+                        f"{target['macro_f1']:.4f}",
+                        _seconds(target.get("train_seconds")),
+                    ]
+                ],
+            ),
+            "",
+        ]
+    for group in study.get("parts", []):
+        members = _group_rows(study, group)
+        if not members:
+            continue
+        rows = ([target_cells(target)] if target else []) + [
+            run_cells(label, run) for label, run in members
+        ]
+        out += [f"## {PARTS.get(group, group)}", "", markdown_table(HEADER, rows), ""]
+        if group == "budget" and len(members) > 1:
+            out += [f"![query-budget curve]({BUDGET_PLOT})", ""]
+    if study.get("datasets"):
+        out += ["## Fake datasets", "", _datasets_table(study), ""]
+    return "\n".join(out)
+
+
+def write_results(results_dir: str, study: dict) -> None:
+    """Writes RESULTS.md (and the budget curve) into results_dir from the study record."""
+    preface = ""
+    path = os.path.join(results_dir, PREFACE_MD)
+    if os.path.exists(path):
+        with open(path) as f:
+            preface = f.read()
+    points = budget_points(study)
+    if len(points) > 1:
+        figure = budget_curve_figure(points, f"{study.get('name', '')}: what a query budget buys")
+        viz.save_figure(figure, os.path.join(results_dir, BUDGET_PLOT))
+    atomic_write_bytes(os.path.join(results_dir, RESULTS_MD), render(study, preface).encode())

@@ -1,0 +1,305 @@
+"""Running a study: one target, one embedded server, then every dataset, run and row of
+the plan, recorded in study.json and written up as RESULTS.md by code.
+
+Resumable: datasets and runs already measured (same settings) are taken from study.json;
+interrupted ones resume from their workdirs (committed shards, finished epochs). So the
+same command, re-run, regenerates RESULTS.md byte for byte from the same study.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import time
+
+from absl import logging
+
+from copycat_tf import pipeline
+from copycat_tf.recipe import Recipe, TargetRecipe
+from copycat_tf.studies import results
+from copycat_tf.studies.plan import PARTS, Plan, PlanSettings, RunSpec, build_plan
+from copycat_tf.workdir import atomic_write_json, init_workdir
+
+STUDY_JSON = "study.json"
+SCHEMA = 1
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    """Everything `run_study` needs.
+
+    Attributes:
+      name: the study's name (titles).
+      results_dir: where study.json, RESULTS.md and the plots go (experiments/<name>);
+        a hand-written PREFACE.md there is included at the top of RESULTS.md.
+      workdir: the study's artefacts (fake datasets, copycats, evaluations).
+      target_workdir, model_base_path: train_target's workdir and export root (reused).
+      pd_data, data_dir: the problem domain and its data directory.
+      recipe: the attack every row starts from.
+      target_recipe: how the target is trained when it is missing.
+      budgets: the budget curve's query budgets.
+      variant_budget: budget of the preparation, generator and label-mode comparisons.
+      data_free: the generator of the sources part's data-free row.
+      pd_budget: target-labelled PD images of the NPD+PD and PD-only rows.
+      parts: which parts to run (studies.plan.PARTS).
+      command: the exact command line, recorded in RESULTS.md.
+      render_only: only regenerate RESULTS.md and the plots from study.json.
+    """
+
+    name: str
+    results_dir: str
+    workdir: str
+    target_workdir: str
+    model_base_path: str
+    pd_data: str = "fashion_mnist"
+    data_dir: str | None = None
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    target_recipe: TargetRecipe = dataclasses.field(default_factory=TargetRecipe)
+    budgets: tuple[int, ...] = (5_000, 10_000, 25_000, 50_000)
+    variant_budget: int = 10_000
+    data_free: str = "shapes"
+    pd_budget: int = 54_000
+    parts: tuple[str, ...] = tuple(PARTS)
+    command: str = ""
+    render_only: bool = False
+
+
+def _machine() -> dict:
+    """Facts about the machine a measurement ran on."""
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "gpus": len(gpus),
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+def _key(obj) -> dict:
+    """A JSON-comparable description of a dataset or run spec (what makes it the same)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), sort_keys=True))
+
+
+def load_study(results_dir: str) -> dict:
+    path = os.path.join(results_dir, STUDY_JSON)
+    if not os.path.exists(path):
+        return {"schema": SCHEMA, "datasets": {}, "runs": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+class _Study:
+    def __init__(self, cfg: StudyConfig, plan: Plan, study: dict):
+        self.cfg = cfg
+        self.plan = plan
+        self.study = study
+
+    def save(self) -> None:
+        self.study["rows"] = [dataclasses.asdict(r) for r in self.plan.rows]
+        self.study["parts"] = list(self.cfg.parts)
+        atomic_write_json(os.path.join(self.cfg.results_dir, STUDY_JSON), self.study)
+        results.write_results(self.cfg.results_dir, self.study)
+
+    def _measured(self, fields: dict) -> dict:
+        self.study["machine"] = _machine()
+        self.study["command"] = self.cfg.command
+        return {**fields, "measured": _today()}
+
+    def target(self, summary: dict) -> None:
+        test = summary["test"]
+        entry = {
+            "model": summary["model"],
+            "pd_data": summary["pd_data"],
+            "epochs": summary["epochs_done"],
+            "best_epoch": summary["best_epoch"],
+            "accuracy": test["accuracy"],
+            "macro_f1": test["macro_f1"],
+            "test_images": test["num_examples"],
+            "train_seconds": summary.get("train_seconds"),
+            "export_dir": summary["export_dir"],
+        }
+        old = self.study.get("target") or {}
+        if {k: old.get(k) for k in entry} != entry:
+            self.study["target"] = self._measured(entry)
+
+    def done(self, run: str) -> bool:
+        recorded = self.study["runs"].get(run)
+        return bool(recorded) and recorded["key"] == _key(self.plan.runs[run])
+
+    def dataset(self, name: str, url: str) -> None:
+        """Steals (or resumes) a dataset unless study.json holds it and it is on disk."""
+        spec = self.plan.datasets[name]
+        recorded = self.study["datasets"].get(name)
+        out = os.path.join(self.cfg.workdir, f"fake_{name}")
+        on_disk = os.path.exists(os.path.join(out, "manifest.json"))
+        if recorded and recorded["key"] == _key(spec) and on_disk:
+            return
+        logging.info("study: stealing dataset %s (%s)", name, spec.recipe.resolved_npd())
+        m = pipeline.steal(spec.recipe, url, out, data_dir=self.cfg.data_dir)
+        self.study["datasets"][name] = self._measured(
+            {
+                "key": _key(spec),
+                "npd": spec.recipe.resolved_npd(),
+                "crops_per_image": spec.recipe.crops_per_image,
+                "label_mode": spec.recipe.label_mode,
+                "query_budget": m["query_budget"],
+                "queries_spent": m["queries_spent"],
+                "status": m["status"],
+                "skipped": m["skipped"]["count"],
+                "label_histogram": m["label_histogram"],
+                "label_statistics": m["label_statistics"],
+                "steal_seconds": m["steal_seconds"],
+            }
+        )
+        self.save()
+
+    def _reuse_npd_stage(self, spec) -> None:
+        """An NPD+PD run starts from the finished NPD stage of the run that has the same
+        data and recipe: its checkpoints are copied, so only the fine-tuning trains (the
+        trainer resumes after the last epoch)."""
+        if not spec.pd_dataset:
+            return
+        same = RunSpec(spec.name, spec.dataset, spec.recipe, spec.max_records)
+        root = self.cfg.workdir
+        stage = os.path.join(root, spec.name, "npd")
+        for other in self.plan.runs.values():
+            source = os.path.join(root, other.name, "npd")
+            if (
+                dataclasses.replace(other, name=spec.name) == same
+                and self.done(other.name)
+                and os.path.isdir(source)
+                and not os.path.exists(stage)
+            ):
+                logging.info("study: %s starts from the NPD stage of %s", spec.name, other.name)
+                shutil.copytree(source, stage)
+                return
+
+    def run(self, name: str, url: str, class_names: list[str]) -> None:
+        """Trains and evaluates a copycat (stealing its datasets first when needed)."""
+        spec = self.plan.runs[name]
+        if self.done(name):
+            return
+        for dataset in (spec.dataset, spec.pd_dataset):
+            if dataset:
+                self.dataset(dataset, url)
+        logging.info("study: copycat %s", name)
+        root = self.cfg.workdir
+        self._reuse_npd_stage(spec)
+        summary = pipeline.train_copycat(
+            spec.recipe,
+            [os.path.join(root, f"fake_{spec.dataset}")],
+            os.path.join(root, name),
+            model_base_path=os.path.join(root, "models"),
+            model_name=name,
+            pd_fake_dataset=[os.path.join(root, f"fake_{spec.pd_dataset}")]
+            if spec.pd_dataset
+            else [],
+            max_records=spec.max_records,
+            class_names=class_names,
+        )
+        start = time.monotonic()
+        report = pipeline.evaluate(
+            url,
+            summary["export_dir"],
+            f"{self.cfg.pd_data}:test",
+            os.path.join(root, "eval", name),
+            data_dir=self.cfg.data_dir,
+        )
+        stages = summary["stages"]
+        queries = stages["npd"]["records"]
+        if spec.pd_dataset:
+            queries += stages["finetune"]["records"]
+        self.study["runs"][name] = self._measured(
+            {
+                "key": _key(spec),
+                "dataset": spec.dataset,
+                "pd_dataset": spec.pd_dataset,
+                "queries": queries,
+                "accuracy": report["copycat"]["accuracy"],
+                "macro_f1": report["copycat"]["macro_f1"],
+                "agreement": report["agreement"],
+                "ratio_accuracy": report["ratio"]["accuracy"],
+                "ratio_macro_f1": report["ratio"]["macro_f1"],
+                "target_accuracy": report["target"]["accuracy"],
+                "target_macro_f1": report["target"]["macro_f1"],
+                "test_images": report["num_examples"],
+                "stages": {
+                    stage: {
+                        "records": info["records"],
+                        "best_epoch": info["best_epoch"],
+                        "epochs_done": info["epochs_done"],
+                        "heldout_agreement": info["heldout_agreement"],
+                        "train_seconds": info["train_seconds"],
+                    }
+                    for stage, info in stages.items()
+                },
+                "evaluate_seconds": round(time.monotonic() - start, 1),
+            }
+        )
+        self.save()
+
+
+def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
+    """Runs (or resumes) the study; writes study.json, RESULTS.md and plots into
+    cfg.results_dir; returns the study record.
+
+    Raises:
+      UserInputError: bad data, NPD spec, target or directories (from the steps).
+    """
+    plan = build_plan(
+        PlanSettings(
+            recipe=cfg.recipe,
+            budgets=tuple(cfg.budgets),
+            variant_budget=cfg.variant_budget,
+            data_free=cfg.data_free,
+            pd_budget=cfg.pd_budget,
+            pd_data=cfg.pd_data,
+            parts=tuple(cfg.parts),
+        )
+    )
+    os.makedirs(cfg.results_dir, exist_ok=True)
+    study = load_study(cfg.results_dir)
+    study["name"] = cfg.name
+    runner = _Study(cfg, plan, study)
+    if cfg.render_only:
+        results.write_results(cfg.results_dir, study)
+        return study
+    init_workdir(
+        cfg.workdir, {"verb": "study", "name": cfg.name, "pd_data": cfg.pd_data}, flags_text
+    )
+    todo = [run for run in plan.runs if not runner.done(run)]
+    if not todo and study.get("target"):
+        runner.save()  # everything measured: RESULTS.md from study.json alone
+        return study
+    target = pipeline.ensure_target(
+        cfg.target_workdir,
+        cfg.model_base_path,
+        cfg.pd_data,
+        cfg.target_recipe,
+        data_dir=cfg.data_dir,
+    )
+    runner.target(target)
+    base, name = os.path.split(os.path.dirname(target["export_dir"]))
+    with pipeline.served(base, name, os.path.join(cfg.workdir, "model_server.log")) as server:
+        for run in todo:
+            runner.run(run, server.grpc_url, target["class_names"])
+    runner.save()
+    return study
