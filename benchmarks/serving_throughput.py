@@ -73,11 +73,34 @@ def run_clients(make_call, clients: int, seconds: float, batch: int) -> float:
     return sum(counts) / elapsed
 
 
+def simultaneous_clients(url: str, body: bytes, clients: int) -> tuple[int, int]:
+    """(requests answered 200, connection errors) when `clients` fresh connections POST
+    at the same moment, each on its own socket."""
+    barrier = threading.Barrier(clients)
+    results = []
+
+    def one():
+        barrier.wait()
+        try:
+            with requests.Session() as session:
+                results.append(session.post(url, data=body, timeout=120).status_code)
+        except requests.ConnectionError:
+            results.append("connection error")
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results.count(200), results.count("connection error")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--clients", default="1,4")
+    parser.add_argument("--simultaneous", type=int, default=100)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -143,12 +166,19 @@ def main() -> None:
                         flush=True,
                     )
 
+        body = json.dumps({"instances": data[batches[0]].tolist()}).encode()
+        ok, refused = simultaneous_clients(f"{server.rest_url}:predict", body, args.simultaneous)
+
     print(f"\n{'transport':<11} {'batch':>5} {'clients':>7} {'images/s':>10} {'vs in-process':>14}")
     for name, batch, clients, rate, ratio in rows:
         print(f"{name:<11} {batch:>5} {clients:>7} {rate:>10.0f} {ratio:>13.0%}")
     print(
+        f"\n{args.simultaneous} simultaneous REST clients (one request each, batch "
+        f"{batches[0]}): {ok} answered 200, {refused} connection errors"
+    )
+    print(
         f"\ncommand: .venv/bin/python -m benchmarks.serving_throughput --seconds={args.seconds:g}"
-        f" --batches={args.batches} --clients={args.clients}"
+        f" --batches={args.batches} --clients={args.clients} --simultaneous={args.simultaneous}"
     )
     print(machine_line("server in a separate process, clients on the same cores"))
 

@@ -86,6 +86,45 @@ flags.DEFINE_float(
     "Requests per second per API key (or client); 429 / RESOURCE_EXHAUSTED beyond. 0 = unlimited.",
     lower_bound=0.0,
 )
+flags.DEFINE_integer(
+    "max_auth_failures_per_minute",
+    20,
+    "Failed authentications from one address per minute before it is refused (429 / "
+    "RESOURCE_EXHAUSTED) for the rest of the minute; 0 = no limit.",
+    lower_bound=0,
+)
+flags.DEFINE_boolean(
+    "allow_reload_config",
+    False,
+    "Accept ModelService/HandleReloadConfigRequest (off: PERMISSION_DENIED). Then only "
+    "with an admin key (--admin_keys_file), or from loopback when no keys are set, and "
+    "only for base paths under --model_root.",
+)
+flags.DEFINE_string("admin_keys_file", "", "Keys (one per line) that may reload the configuration.")
+flags.DEFINE_list(
+    "model_root",
+    [],
+    "Directories a reloaded configuration may point into (default: the startup models' "
+    "base paths).",
+)
+flags.DEFINE_boolean(
+    "enable_large_batch_splitting",
+    True,
+    "A request of more rows than --max_batch_size runs in chunks of that size (TF Serving's "
+    "BatchingParameters field); off, it is refused (INVALID_ARGUMENT, 'Task size ...').",
+)
+flags.DEFINE_integer(
+    "max_tensor_bytes",
+    256 << 20,
+    "Largest decoded input tensor a request may declare (INVALID_ARGUMENT beyond).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "max_image_pixels",
+    64_000_000,
+    "Largest image (width x height) an encoded *_bytes input may hold; 0 = any.",
+    lower_bound=0,
+)
 flags.DEFINE_string(
     "output_defense",
     "none",

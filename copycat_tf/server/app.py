@@ -18,6 +18,7 @@ from copycat_tf.server.defenses import OutputDefense, parse_defense
 from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
 from copycat_tf.server.model_store import ModelConfig, ModelStore, parse_model_config_file
 from copycat_tf.server.rest_api import RestServer
+from copycat_tf.server.tensors import MAX_TENSOR_BYTES
 
 
 @dataclasses.dataclass
@@ -41,6 +42,17 @@ class ServerConfig:
       cors: add TF Serving's CORS headers.
       inject_failure_rate: fraction of predictions answered UNAVAILABLE / 503 (chaos).
       inject_latency_s: latency added to every prediction (chaos).
+      enable_batching: merge concurrent requests; then one request may not hold more
+        rows than max_batch_size (TF Serving's rule).
+      allow_reload_config: accept ModelService/HandleReloadConfigRequest at all.
+      admin_keys: keys that may reload (None: loopback clients of a key-less server).
+      model_roots: directories reloaded configs may point into (default: the startup
+        models' base paths).
+      max_auth_failures: failed authentications per address per minute before refusal.
+      max_tensor_bytes: largest decoded input tensor one request may declare.
+      split_large_batches: requests of more rows than max_batch_size run in chunks (TF
+        Serving's enable_large_batch_splitting); off, they are refused.
+      max_image_pixels: largest encoded image a *_bytes input may hold (pixels; 0: any).
     """
 
     models: list[ModelConfig]
@@ -62,6 +74,14 @@ class ServerConfig:
     cors: bool = False
     inject_failure_rate: float = 0.0
     inject_latency_s: float = 0.0
+    enable_batching: bool = True
+    allow_reload_config: bool = False
+    admin_keys: frozenset[str] | None = None
+    model_roots: list[str] = dataclasses.field(default_factory=list)
+    max_auth_failures: int = 20
+    max_tensor_bytes: int = MAX_TENSOR_BYTES
+    split_large_batches: bool = True
+    max_image_pixels: int = 64_000_000
 
 
 class ModelServer:
@@ -69,7 +89,7 @@ class ModelServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.store = ModelStore(config.models, config.poll_seconds)
+        self.store = ModelStore(config.models, config.poll_seconds, config.model_roots)
         self.scheduler = BatchScheduler(
             config.max_batch_size,
             config.batch_timeout_s,
@@ -79,15 +99,24 @@ class ModelServer:
         self.core = ServingCore(
             self.store,
             self.scheduler,
-            Gatekeeper(config.api_keys, config.rate_limit_qps),
+            Gatekeeper(
+                config.api_keys,
+                config.rate_limit_qps,
+                config.admin_keys,
+                config.max_auth_failures,
+            ),
             config.defense,
             config.request_timeout_s,
             inject_failure_rate=config.inject_failure_rate,
             inject_latency_s=config.inject_latency_s,
+            allow_reload=config.allow_reload_config,
+            max_request_batch=config.max_batch_size if config.enable_batching else 0,
+            max_tensor_bytes=config.max_tensor_bytes,
+            split_large_batches=config.split_large_batches,
+            max_image_pixels=config.max_image_pixels,
         )
         self._grpc = None
         self._rest: RestServer | None = None
-        self._rest_thread: threading.Thread | None = None
         self.grpc_port = 0
         self.rest_port = 0
         self._stopped = threading.Event()
@@ -118,15 +147,12 @@ class ModelServer:
                     cfg.max_request_bytes,
                     cfg.request_timeout_s,
                     cfg.cors,
+                    threads=cfg.grpc_max_threads,
                 )
             except OSError as e:
                 self.stop()
                 raise OSError(f"cannot bind REST port {cfg.host}:{cfg.rest_api_port}: {e}") from e
             self.rest_port = self._rest.server_address[1]
-            self._rest_thread = threading.Thread(
-                target=self._rest.serve_forever, name="rest", daemon=True
-            )
-            self._rest_thread.start()
             logging.info("Exporting HTTP/REST API at:%s:%d ...", cfg.host, self.rest_port)
 
     def stop(self) -> None:
@@ -172,7 +198,7 @@ def serve(config: ServerConfig) -> None:
     logging.info("model server stopped")
 
 
-def _batching_parameters(path: str) -> dict[str, int]:
+def _batching_parameters(path: str) -> dict[str, int | bool]:
     """The settings of a --batching_parameters_file this server applies."""
     try:
         with open(path) as f:
@@ -211,11 +237,25 @@ def server_config_from_flags(values) -> ServerConfig:
         "batch_timeout_micros": values.batch_timeout_micros,
         "max_enqueued_batches": values.max_enqueued_batches,
         "num_batch_threads": values.num_batch_threads,
+        "enable_large_batch_splitting": values.enable_large_batch_splitting,
     }
     if values.batching_parameters_file:
         batching.update(_batching_parameters(values.batching_parameters_file))
     if not values.enable_batching:
         batching["max_batch_size"] = 1
+    try:
+        admin_keys = parse_api_keys_file(values.admin_keys_file) if values.admin_keys_file else None
+    except ValueError as e:
+        raise UserInputError(str(e).replace("--api_keys_file", "--admin_keys_file")) from e
+    if admin_keys and api_keys and admin_keys & api_keys:
+        raise UserInputError(
+            "--admin_keys_file and --api_keys_file share keys; admin keys must differ from "
+            "prediction keys"
+        )
+    roots = [os.path.abspath(r) for r in values.model_root]
+    for root in roots:
+        if not os.path.isdir(root):
+            raise UserInputError(f"--model_root {root} is not a directory")
     for model in models:
         if not os.path.isdir(model.base_path):
             logging.warning(
@@ -243,4 +283,12 @@ def server_config_from_flags(values) -> ServerConfig:
         cors=values.rest_api_enable_cors_support,
         inject_failure_rate=values.inject_failure_rate,
         inject_latency_s=values.inject_latency_ms / 1000.0,
+        enable_batching=values.enable_batching,
+        allow_reload_config=values.allow_reload_config,
+        admin_keys=admin_keys,
+        model_roots=roots,
+        max_auth_failures=values.max_auth_failures_per_minute,
+        max_tensor_bytes=values.max_tensor_bytes,
+        split_large_batches=batching["enable_large_batch_splitting"],
+        max_image_pixels=values.max_image_pixels,
     )

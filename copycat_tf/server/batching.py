@@ -194,7 +194,7 @@ _BATCHING_FIELDS = {
     "thread_pool_name": ("StringValue", False),
     "allowed_batch_sizes": ("repeated int64", False),
     "pad_variable_length_inputs": ("bool", False),
-    "enable_large_batch_splitting": ("BoolValue", False),
+    "enable_large_batch_splitting": ("BoolValue", True),
     "max_execution_batch_size": ("Int64Value", False),
 }
 _BATCHING_MESSAGE = None
@@ -230,7 +230,7 @@ def _batching_message_class():
     return _BATCHING_MESSAGE
 
 
-def parse_batching_parameters(text: str, source: str) -> dict[str, int]:
+def parse_batching_parameters(text: str, source: str) -> dict[str, int | bool]:
     """The settings of a BatchingParameters text proto that this server applies.
 
     Fields TF Serving knows but this server does not use are accepted with a warning;
@@ -257,6 +257,8 @@ def parse_batching_parameters(text: str, source: str) -> dict[str, int]:
             present = message.HasField(name)
         if present and not used:
             logging.warning("--batching_parameters_file %s: %s is ignored here", source, name)
+        elif present and kind == "BoolValue":
+            settings[name] = bool(getattr(message, name).value)
         elif present:
             value = int(getattr(message, name).value)
             if value < (0 if name == "batch_timeout_micros" else 1):

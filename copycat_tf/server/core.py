@@ -10,6 +10,7 @@ import dataclasses
 import logging as pylogging
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 
 import grpc
@@ -17,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
-from copycat_tf.contract import OUTPUT_SCORES, SERVING_DEFAULT
+from copycat_tf.contract import BYTES_SUFFIX, OUTPUT_SCORES, SERVING_DEFAULT
+from copycat_tf.server import tensors
 from copycat_tf.server.batching import BatchScheduler
 from copycat_tf.server.defenses import OutputDefense
 from copycat_tf.server.model_store import ModelStore, Servable, SignatureInfo
@@ -41,29 +43,79 @@ def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+LOOPBACK = ("127.", "::1", "localhost", "unix:", "::ffff:127.")
+# Clients whose failed authentications are remembered at once (memory bound).
+MAX_TRACKED_CLIENTS = 10_000
+
+
+def is_loopback(client: str) -> bool:
+    """Whether a client address (HTTP peer or gRPC peer string) is this machine."""
+    return client.startswith(LOOPBACK)
+
+
 class Gatekeeper:
-    """API keys and a token-bucket rate limit, as a hardened cloud API has them.
+    """API keys, admin keys and rate limits, as a hardened cloud API has them.
 
     Args:
-      api_keys: accepted keys; None disables authentication.
+      api_keys: accepted prediction keys; None disables authentication.
       rate_limit_qps: requests per second allowed per key (per client when no keys);
         0 disables the limit. Bursts of up to max(1, qps) requests are allowed.
+      admin_keys: keys that may reload the model configuration (never prediction keys);
+        None: only loopback clients of a server without keys may.
+      max_auth_failures: failed authentications per client address per minute before
+        that address is refused for the rest of the minute (0: no limit).
     """
 
-    def __init__(self, api_keys: frozenset[str] | None = None, rate_limit_qps: float = 0.0):
+    def __init__(
+        self,
+        api_keys: frozenset[str] | None = None,
+        rate_limit_qps: float = 0.0,
+        admin_keys: frozenset[str] | None = None,
+        max_auth_failures: int = 20,
+    ):
         self.api_keys = api_keys
         self.rate = rate_limit_qps
+        self.admin_keys = admin_keys
+        self.max_auth_failures = max_auth_failures
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+
+    def _throttle_failures(self, client: str) -> None:
+        """Refuses an address that failed too often in the last minute, before any key
+        is compared (so guessing keys costs a minute per few dozen guesses)."""
+        if not self.max_auth_failures:
+            return
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(client, ()) if now - t < 60.0]
+            if recent:
+                self._failures[client] = recent
+            else:
+                self._failures.pop(client, None)
+            if len(recent) >= self.max_auth_failures:
+                raise ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "Too many failed authentications from this address; retry in a minute",
+                )
+
+    def _record_failure(self, client: str) -> None:
+        with self._lock:
+            if client not in self._failures and len(self._failures) >= MAX_TRACKED_CLIENTS:
+                self._failures.pop(next(iter(self._failures)))
+            self._failures.setdefault(client, []).append(time.monotonic())
 
     def admit(self, key: str | None, client: str) -> None:
         """Raises UNAUTHENTICATED or RESOURCE_EXHAUSTED when the request may not proceed."""
-        if self.api_keys is not None and (not key or key not in self.api_keys):
-            raise ServingError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "Missing or invalid API key: send it as 'x-api-key: <key>' or "
-                "'authorization: Bearer <key>'",
-            )
+        if self.api_keys is not None:
+            self._throttle_failures(client)
+            if not key or key not in self.api_keys:
+                self._record_failure(client)
+                raise ServingError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "Missing or invalid API key: send it as 'x-api-key: <key>' or "
+                    "'authorization: Bearer <key>'",
+                )
         if self.rate <= 0:
             return
         who = key or client
@@ -79,6 +131,55 @@ class Gatekeeper:
                     f"Rate limit of {self.rate:g} requests per second exceeded; retry later",
                 )
             self._buckets[who] = (tokens - 1.0, now)
+            if len(self._buckets) > MAX_TRACKED_CLIENTS:
+                self._buckets.pop(next(iter(self._buckets)))
+
+    def admit_admin(self, key: str | None, client: str) -> None:
+        """Admin requests (model reload): an admin key, or a loopback client when the
+        server has no keys at all.
+
+        Raises:
+          ServingError: RESOURCE_EXHAUSTED after too many failures, else PERMISSION_DENIED.
+        """
+        if self.admin_keys is None and self.api_keys is None and is_loopback(client):
+            return
+        self._throttle_failures(client)
+        if self.admin_keys is None or not key or key not in self.admin_keys:
+            self._record_failure(client)
+            raise ServingError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "Model administration needs an admin key (--admin_keys_file), or a loopback "
+                "client of a server without API keys",
+            )
+
+
+def check_image_sizes(alias: str, encoded: np.ndarray, max_pixels: int) -> None:
+    """Refuses encoded images that would decode to more than max_pixels, reading only
+    their headers (a 389 KB PNG can declare 20000x20000 pixels).
+
+    Raises:
+      ServingError: INVALID_ARGUMENT naming the element.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    for i, data in enumerate(encoded.ravel()):
+        try:
+            with warnings.catch_warnings():  # the size is checked below, not warned about
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+        except Image.DecompressionBombError:
+            width = height = None  # larger than PIL itself accepts
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue  # not an image PIL knows: the model's decoder answers for it
+        if width is None or width * height > max_pixels:
+            size = "an image" if width is None else f"a {width}x{height} image"
+            raise invalid(
+                f"element {i} of input '{alias}' is {size}; this server decodes at most "
+                f"{max_pixels} pixels per image (--max_image_pixels)"
+            )
 
 
 def parse_api_keys_file(path: str) -> frozenset[str]:
@@ -109,6 +210,11 @@ class ServingCore:
     seed: int = 0
     inject_failure_rate: float = 0.0
     inject_latency_s: float = 0.0
+    allow_reload: bool = False
+    max_request_batch: int = 0  # rows of one model call (0: no limit), as TF Serving's
+    split_large_batches: bool = True  # larger requests run in chunks, else are refused
+    max_tensor_bytes: int = tensors.MAX_TENSOR_BYTES
+    max_image_pixels: int = 0  # pixels of one encoded image in a *_bytes input (0: no limit)
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
@@ -116,17 +222,23 @@ class ServingCore:
 
     # ------------------------------------------------------------------ access
 
-    def admit(self, headers: Mapping[str, str], client: str) -> None:
-        """Authenticates and rate-limits one request.
+    def admit(self, headers: Mapping[str, str], client: str, admin: bool = False) -> None:
+        """Authenticates and rate-limits one request, from its headers alone (before its
+        body is read).
 
         Args:
           headers: request headers or gRPC metadata, names in lower case.
           client: the caller's address (its identity when no API keys are configured).
+          admin: the request administers the server (model reload).
 
         Raises:
-          ServingError: UNAUTHENTICATED or RESOURCE_EXHAUSTED.
+          ServingError: UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED.
         """
-        self.gate.admit(api_key_from_headers(headers), client)
+        key = api_key_from_headers(headers)
+        if admin:
+            self.gate.admit_admin(key, client)
+        else:
+            self.gate.admit(key, client)
 
     # ------------------------------------------------------------------ models
 
@@ -239,6 +351,10 @@ class ServingCore:
     ) -> dict[str, np.ndarray]:
         """Checks input dtypes and shapes, runs the model (batched), applies the defence."""
         self._inject_faults()
+        rows = batch_size(inputs) or 0
+        chunk = self.max_request_batch if signature.batchable else 0
+        if chunk and rows > chunk and not self.split_large_batches:
+            raise invalid(f"Task size {rows} is larger than maximum input batch size {chunk}")
         for i, (alias, spec) in enumerate(signature.inputs.items()):
             value = inputs[alias]
             got = tf.string if value.dtype == object else tf.as_dtype(value.dtype)
@@ -251,12 +367,31 @@ class ServingCore:
                     f"input '{alias}' has shape [{','.join(map(str, value.shape))}] but the "
                     f"signature expects {spec.shape_text()}"
                 )
-        result = self.scheduler.run(
-            servable, signature.name, inputs, timeout_s or self.request_timeout_s
-        )
+            if got == tf.string and alias.endswith(BYTES_SUFFIX) and self.max_image_pixels:
+                check_image_sizes(alias, value, self.max_image_pixels)
+        timeout_s = timeout_s or self.request_timeout_s
+        if chunk and rows > chunk:  # TF Serving's large batch splitting
+            parts = [
+                self.scheduler.run(
+                    servable,
+                    signature.name,
+                    {k: v[start : start + chunk] for k, v in inputs.items()},
+                    timeout_s,
+                )
+                for start in range(0, rows, chunk)
+            ]
+            result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            result = self.scheduler.run(servable, signature.name, inputs, timeout_s)
         with self._rng_lock:
             result = self.defense.apply(result, self._rng)
         return {k: result[k] for k in outputs}
+
+
+def batch_size(inputs: dict[str, np.ndarray]) -> int | None:
+    """Rows of a request's first input (None for a scalar input)."""
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else None
 
 
 def log_access(

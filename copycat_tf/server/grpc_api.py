@@ -15,7 +15,7 @@ from tensorflow_serving.apis import (
 )
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, log_access
+from copycat_tf.server.core import ServingCore, batch_size, log_access
 from copycat_tf.server.model_store import configs_from_proto
 from copycat_tf.server.status import ServingError, invalid
 
@@ -36,6 +36,60 @@ def model_spec_target(spec_holder) -> tuple[str, int | None, str | None]:
     return spec.name, version, label
 
 
+def peer_address(peer: str) -> str:
+    """The client's address of a gRPC peer string, as HTTP peers are written:
+    "ipv4:1.2.3.4:5678" -> "1.2.3.4", "ipv6:[::1]:5678" -> "::1" (one identity per client
+    across both APIs)."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
+class Admission(grpc.ServerInterceptor):
+    """Checks the caller on its metadata before the request message is even parsed: a
+    stranger's 150 MB Predict costs no parsing, only the receiving gRPC cannot avoid.
+
+    The wrapped handler takes the raw bytes, admits the caller (API key, failed-attempt
+    limit, rate limit; admin key and --allow_reload_config for model reloads), and only
+    then deserializes and calls the servicer.
+    """
+
+    def __init__(self, core: ServingCore):
+        self.core = core
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+        method = details.method.rsplit("/", 1)[-1]
+        admin = method == "HandleReloadConfigRequest"
+        headers = {k.lower(): v for k, v in details.invocation_metadata or ()}
+
+        def admitted(raw: bytes, context):
+            start = time.monotonic()
+            try:
+                self.core.admit(headers, peer_address(context.peer()), admin=admin)
+                if admin and not self.core.allow_reload:
+                    raise ServingError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "Model config reload is disabled on this server (--allow_reload_config)",
+                    )
+            except ServingError as e:
+                log_access("grpc", method, "", None, None, e.code.name, start)
+                context.abort(e.code, e.grpc_message)
+            try:
+                request = parse(raw)
+            except Exception:  # a malformed message, as grpc's own deserializer answers
+                context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+
 class _Base:
     def __init__(self, core: ServingCore):
         self.core = core
@@ -48,10 +102,6 @@ class _Base:
             "batch": None,
         }
         try:
-            self.core.admit(
-                {k.lower(): v for k, v in context.invocation_metadata() or ()},
-                context.peer().rsplit(":", 1)[0],  # the client's address, not its port
-            )
             response = fn(request, context, info)
         except ServingError as e:
             log_access(
@@ -100,8 +150,9 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
                 f"value provided. Inputs expected to be in the request "
                 f"{{{','.join(sorted(expected))}}}, or default input alias set: {{}}"
             )
-        inputs = {k: tensors.proto_to_numpy(v, k) for k, v in request.inputs.items()}
-        info["batch"] = next(iter(inputs.values())).shape[0] if inputs else 0
+        limit = self.core.max_tensor_bytes
+        inputs = {k: tensors.proto_to_numpy(v, k, limit) for k, v in request.inputs.items()}
+        info["batch"] = batch_size(inputs)
         outputs = self.core.check_output_filter(signature, list(request.output_filter))
         remaining = context.time_remaining()
         result = self.core.run(servable, signature, inputs, outputs, timeout_s=remaining)
@@ -179,6 +230,7 @@ def build_grpc_server(
     """
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
+        interceptors=[Admission(core)],
         options=[
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", -1),

@@ -196,6 +196,7 @@ class VersionState:
     error: str = ""
     servable: Servable | None = None
     mtime: float = 0.0
+    path: str = ""  # the version directory it was (or is being) loaded from
 
 
 def _version_dirs(base_path: str) -> dict[int, str]:
@@ -214,7 +215,15 @@ def _version_dirs(base_path: str) -> dict[int, str]:
 class ModelStore:
     """Loaded models and versions; thread-safe lookups for request handlers."""
 
-    def __init__(self, configs: list[ModelConfig], poll_seconds: float = 1.0):
+    def __init__(
+        self,
+        configs: list[ModelConfig],
+        poll_seconds: float = 1.0,
+        roots: list[str] | None = None,
+    ):
+        # Where reloaded configs may point: the roots named at startup, else the startup
+        # models' own base paths.
+        self.roots = list(roots) if roots else [c.base_path for c in configs]
         self._lock = threading.RLock()
         self._configs = {c.name: c for c in configs}
         self._versions: dict[str, dict[int, VersionState]] = {c.name: {} for c in configs}
@@ -243,8 +252,34 @@ class ModelStore:
             except Exception:  # the poller must survive anything a file system does
                 logging.exception("model poll failed")
 
+    def check_under_roots(self, configs: list[ModelConfig]) -> None:
+        """Refuses base paths outside the model roots (resolved: no `..`, no symlink out).
+
+        Raises:
+          ServingError: INVALID_ARGUMENT naming the model, not the path.
+        """
+        roots = [os.path.realpath(r) for r in self.roots]
+        for config in configs:
+            raw = config.base_path
+            resolved = os.path.realpath(raw)
+            inside = any(
+                resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
+                for root in roots
+            )
+            if ".." in raw.split(os.sep) or not os.path.isabs(raw) or not inside:
+                raise invalid(
+                    f"base_path of model {config.name!r} is not under one of the server's "
+                    "model roots (--model_root)"
+                )
+
     def reload_config(self, configs: list[ModelConfig]) -> None:
-        """Replaces the served model list (HandleReloadConfigRequest)."""
+        """Replaces the served model list (HandleReloadConfigRequest); base paths must lie
+        under the model roots.
+
+        Raises:
+          ServingError: a base path outside the roots.
+        """
+        self.check_under_roots(configs)
         with self._lock:
             self._configs = {c.name: c for c in configs}
             self._versions = {c.name: self._versions.get(c.name, {}) for c in configs}
@@ -273,11 +308,21 @@ class ModelStore:
             states = self._versions.setdefault(config.name, {})
             todo = []
             for version in sorted(aspired):
-                mtime = _mtime(dirs[version])
+                path = dirs[version]
+                mtime = _mtime(path)
                 current = states.get(version)
-                if current is None or (current.state == "END" and current.mtime != mtime):
-                    states[version] = VersionState("LOADING", mtime=mtime)
+                moved = current is not None and current.path != path
+                # Reload a version unloaded cleanly (by policy or a config reload) when it
+                # is wanted again, or that now lives elsewhere (a config reload); retry a
+                # broken one only once its directory changed.
+                if current is None or (
+                    current.state == "END"
+                    and (not current.error or current.mtime != mtime or moved)
+                ):
+                    states[version] = VersionState("LOADING", mtime=mtime, path=path)
                     todo.append(version)
+                elif moved and current.state == "AVAILABLE":
+                    todo.append(version)  # the old one serves until the new one is loaded
         for version in todo:
             self._load(config.name, version, dirs[version])
         with self._lock:
@@ -289,7 +334,7 @@ class ModelStore:
                 # one serves, or when its directory disappeared.
                 if st.state == "AVAILABLE" and version not in aspired and (serving_aspired or gone):
                     logging.info("unloading %s version %d", config.name, version)
-                    states[version] = VersionState("END", mtime=st.mtime)
+                    states[version] = VersionState("END", mtime=st.mtime, path=st.path)
 
     def _load(self, name: str, version: int, path: str) -> None:
         start = time.monotonic()
@@ -300,13 +345,17 @@ class ModelStore:
             logging.error("failed to load %s version %d from %s: %s", name, version, path, e)
             with self._lock:
                 st = self._versions.get(name, {}).get(version)
-                if st is not None:
-                    st.state, st.error = "END", f"{type(e).__name__}: {e}"[:500]
+                if st is not None and st.state != "AVAILABLE":  # else the old one serves on
+                    # Clients see the kind of failure; paths and details stay in the log.
+                    st.state, st.path = "END", path
+                    st.error = f"{type(e).__name__}: the version failed to load (see server log)"
             return
         with self._lock:
-            st = self._versions.get(name, {}).get(version)
-            if st is not None:
-                st.state, st.servable, st.error = "AVAILABLE", servable, ""
+            versions = self._versions.get(name)
+            if versions is not None and version in versions:
+                versions[version] = VersionState(
+                    "AVAILABLE", servable=servable, mtime=_mtime(path), path=path
+                )
         logging.info(
             "loaded %s version %d from %s in %.1fs", name, version, path, time.monotonic() - start
         )

@@ -33,6 +33,7 @@ def wait_available(
     proc=None,
     host: str = "127.0.0.1",
     log_path: str | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Polls GET /v1/models/<model> until a version is AVAILABLE (TF Serving readiness).
 
@@ -50,7 +51,7 @@ def wait_available(
                     err = f.read()[-2000:]
             raise RuntimeError(f"model server exited with {proc.returncode}: {err}")
         try:
-            r = requests.get(url, timeout=2)
+            r = requests.get(url, timeout=2, headers={"x-api-key": api_key} if api_key else {})
             if r.ok and any(v["state"] == "AVAILABLE" for v in r.json()["model_version_status"]):
                 return
         except (requests.RequestException, ValueError, KeyError):
@@ -77,9 +78,16 @@ class ServerProcess:
       *flags: extra model_server flags (--model_base_path=..., --output_defense=...).
       model: the model name whose readiness `start()` waits for.
       stderr_path: file for the server's log (access lines); None uses a temporary file.
+      api_key: the key readiness checks send, for a server started with --api_keys_file.
     """
 
-    def __init__(self, *flags: str, model: str = "m", stderr_path: str | None = None):
+    def __init__(
+        self,
+        *flags: str,
+        model: str = "m",
+        stderr_path: str | None = None,
+        api_key: str | None = None,
+    ):
         self.host = "127.0.0.1"
         self.grpc_port = free_port()
         self.rest_port = free_port()
@@ -94,6 +102,7 @@ class ServerProcess:
             *flags,
         ]
         self._stderr_path = stderr_path
+        self.api_key = api_key
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -132,7 +141,12 @@ class ServerProcess:
             )
         try:
             wait_available(
-                self.rest_port, self.model, timeout_s, proc=self.proc, log_path=self._stderr_path
+                self.rest_port,
+                self.model,
+                timeout_s,
+                proc=self.proc,
+                log_path=self._stderr_path,
+                api_key=self.api_key,
             )
         except BaseException:
             self.stop()

@@ -1,23 +1,35 @@
-"""REST API: TF Serving's /v1/models routes, JSON formats and errors (reference §1)."""
+"""REST API: TF Serving's /v1/models routes, JSON formats and errors (reference §1).
+
+HTTP itself (framing, chunked bodies, keep-alive, timeouts, a deep listen backlog) is
+aiohttp's; this module translates requests to ServingCore calls and answers back. The key
+is checked on the headers before any of the body is read; the body (compressed and
+decompressed) is bounded by --max_request_bytes; JSON is parsed with orjson (the
+standard library's parser gives TF Serving's error messages when orjson refuses).
+Model work runs on a thread pool, never on the event loop.
+"""
 
 from __future__ import annotations
 
-import gzip
+import asyncio
+import concurrent.futures
+import contextlib
 import json
+import logging
 import re
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NoReturn
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import grpc
+import orjson
+from aiohttp import web
 from google.protobuf import json_format
 from tensorflow_serving.apis import model_pb2
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, log_access
+from copycat_tf.server.core import ServingCore, batch_size, log_access
 from copycat_tf.server.status import ServingError, invalid
 
 _V1 = re.compile(r"(?i)/v1/.*")
@@ -33,7 +45,8 @@ _HTML_404 = (
     b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n"
     b"</BODY></HTML>\n"
 )
-_MAX_UNCOMPRESSED = 100 * 1024 * 1024
+# Without --max_request_bytes, bodies are bounded like gRPC messages.
+DEFAULT_MAX_BODY = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 _RAPIDJSON = {
     "Expecting value": "Invalid value.",
@@ -46,14 +59,45 @@ _RAPIDJSON = {
 }
 
 
+class _OneLine(logging.Filter):
+    """aiohttp logs a client's malformed request or hang-up with a traceback; one line is
+    enough for the client's fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"[:500]
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+_AIOHTTP_LOG = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _OneLine) for f in _AIOHTTP_LOG.filters):
+    _AIOHTTP_LOG.addFilter(_OneLine())
+
+
 def error_body(message: str) -> bytes:
     return ('{\n    "error": ' + json.dumps(message) + "\n}").encode()
 
 
 def parse_json_body(body: bytes) -> dict:
-    """Parses a request body as TF Serving does (trailing bytes after the value ignored)."""
+    """Parses a request body as TF Serving does (trailing bytes after the value ignored).
+
+    Raises:
+      ServingError: INVALID_ARGUMENT with RapidJSON's messages (as TF Serving's).
+    """
     if not body.strip():
         raise invalid("JSON Parse error: The document is empty")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        value = _parse_slowly(body)  # exact messages, trailing bytes, huge numbers
+    if not isinstance(value, dict):
+        raise invalid(f"JSON Value: {body[:256].decode(errors='replace')} Is not object")
+    return value
+
+
+def _parse_slowly(body: bytes):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -64,111 +108,64 @@ def parse_json_body(body: bytes) -> dict:
     except json.JSONDecodeError as e:
         message = _RAPIDJSON.get(e.msg, e.msg)
         raise invalid(f"JSON Parse error: {message} at offset: {e.pos}") from e
-    if not isinstance(value, dict):
-        raise invalid(f"JSON Value: {text[:256]} Is not object")
+    except RecursionError:
+        raise invalid("JSON Parse error: The document is nested too deeply.") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise invalid(f"JSON Parse error: Invalid value. ({e})") from None
     return value
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "copycat_tf-model-server"
-    # Headers and body go out in separate writes; with Nagle's algorithm on, the second
-    # waits for the client's delayed ACK (~40 ms per request).
-    disable_nagle_algorithm = True
-    server: RestServer
-
-    # Any method is forwarded to the REST handler, as TF Serving does.
-    def do_GET(self):
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
-
-    def do_OPTIONS(self):
-        ok = re.match(r"https?://", self.headers.get("Origin", "")) is not None
-        self._send(200 if ok else 400, b"", content_type=None)
-
-    def log_message(self, format, *args):  # access lines come from log_access instead
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str | None = "application/json"):
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        if self.server.cors:
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Allow-Methods", "POST, GET")
-            self.send_header("Access-Control-Allow-Headers", "Content-Type")
-        self.send_header("Content-Length", str(len(body)))
-        if self.server.draining:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body (de-chunked by aiohttp, gunzipped here), never more than `limit` bytes
+    either way; an oversized body is refused before it is read."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(f"Request body of {declared} bytes", limit)
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(1 << 20)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise _too_large("Request body", limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if "gzip" in request.headers.get("Content-Encoding", "").lower():
         try:
-            size = int(length) if length else 0
-        except ValueError:
-            raise invalid(f"Invalid Content-Length: {length}") from None
-        limit = self.server.max_request_bytes
-        if limit and size > limit:
-            self.close_connection = True  # the body is not read; the connection is spent
-            raise ServingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Request body of {size} bytes exceeds the server's --max_request_bytes={limit}",
-            )
-        body = self.rfile.read(size) if size > 0 else b""
-        if "gzip" in self.headers.get("Content-Encoding", "").lower():
-            try:
-                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                body = d.decompress(body, _MAX_UNCOMPRESSED)
-                if d.unconsumed_tail:
-                    raise invalid("Uncompressed request body exceeds 100 MiB")
-            except (zlib.error, gzip.BadGzipFile) as e:
-                raise invalid(f"Failed to decompress gzip request body: {e}") from e
-        return body
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = decompressor.decompress(body, limit)
+        except zlib.error as e:
+            raise invalid(f"Failed to decompress gzip request body: {e}") from e
+        if decompressor.unconsumed_tail:
+            raise _too_large("Uncompressed request body", limit)
+    return body
 
-    def _dispatch(self):
-        start = time.monotonic()
-        path = urlsplit(self.path).path
-        if not _V1.fullmatch(path):
-            self._send(404, _HTML_404, content_type="text/html")
-            return
-        self.server.enter()
-        info = {"model": "", "version": None, "batch": None}
-        method = self.command
-        try:
-            body = self._read_body()
-            self.server.core.admit(
-                {k.lower(): v for k, v in self.headers.items()}, self.client_address[0]
-            )
-            status, payload = self._route(method, path, body, info)
-        except ServingError as e:
-            status, payload = e.http_status, error_body(e.message)
-            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_request_bytes" in e.message:
-                status = 413
-        except Exception as e:  # never let one request take the handler down silently
-            status, payload = 500, error_body(f"Internal error: {type(e).__name__}: {e}")
-        try:
-            self._send(status, payload)
-        finally:
-            self.server.leave()
-            log_access(
-                "rest", method, info["model"], info["version"], info["batch"], str(status), start
-            )
 
-    def _route(self, method: str, path: str, body: bytes, info: dict) -> tuple[int, bytes]:
-        core = self.server.core
+def _too_large(what: str, limit: int) -> ServingError:
+    return ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} exceeds the server's --max_request_bytes={limit}",
+    )
+
+
+class _Routes:
+    """What a REST request asks of the ServingCore (runs on a worker thread)."""
+
+    def __init__(self, core: ServingCore, timeout_s: float):
+        self.core = core
+        self.timeout_s = timeout_s
+
+    def route(self, method: str, path: str, body: bytes, info: dict) -> tuple[int, bytes]:
+        core = self.core
         if method == "POST":
             m = _POST.fullmatch(path)
             if m and m.group(4) in ("predict", "classify", "regress"):
                 name, version, label = _target(m)
                 info["model"] = name
                 if m.group(4) == "predict":
-                    return 200, self._predict(core, name, version, label, body, info)
-                return 200, self._classify_or_regress(core, name, version, label, body, m.group(4))
+                    return 200, self._predict(name, version, label, body, info)
+                return 200, self._classify_or_regress(name, version, label, body, m.group(4))
         elif method == "GET":
             m = _GET.fullmatch(path)
             if m:
@@ -185,8 +182,11 @@ class _Handler(BaseHTTPRequestHandler):
                 ).encode()
         raise invalid(f"Malformed request: {method} {path}")
 
-    def _predict(self, core: ServingCore, name, version, label, body: bytes, info) -> bytes:
-        request = parse_json_body(body)
+    def _predict(self, name, version, label, body: bytes, info) -> bytes:
+        core = self.core
+        # Raw pixels: parse the small part of the body now, the numbers in one go later.
+        split = tensors.split_numeric_body(body)
+        request = split.request if split else parse_json_body(body)
         sig_name = request.get("signature_name", "")
         if not isinstance(sig_name, str):
             raise invalid(
@@ -196,24 +196,26 @@ class _Handler(BaseHTTPRequestHandler):
         servable = core.store.resolve(name, version, label)
         info["version"] = servable.version
         _, signature = core.signature(servable, sig_name)
-        inputs, row_format = tensors.request_inputs(request, signature)
-        info["batch"] = next(iter(inputs.values())).shape[0] if inputs else 0
+        inputs = tensors.numeric_inputs(split, signature) if split else None
+        row_format = bool(split) and split.key == "instances"
+        if inputs is None:
+            request = parse_json_body(body) if split else request
+            # numpy would read true as 1: check value by value when booleans occur.
+            exact = b"true" in body or b"false" in body
+            inputs, row_format = tensors.request_inputs(request, signature, exact)
+        info["batch"] = batch_size(inputs)
         outputs = core.run(
-            servable,
-            signature,
-            inputs,
-            core.visible_outputs(signature),
-            timeout_s=self.server.timeout_s,
+            servable, signature, inputs, core.visible_outputs(signature), timeout_s=self.timeout_s
         )
         return tensors.predict_response_json(outputs, row_format).encode()
 
-    def _classify_or_regress(self, core, name, version, label, body, verb) -> NoReturn:
+    def _classify_or_regress(self, name, version, label, body, verb) -> NoReturn:
         request = parse_json_body(body)
         examples = request.get("examples")
         if not isinstance(examples, list) or not examples:
             raise invalid(f"When method is {verb}, key 'examples' is expected and was not found")
-        servable = core.store.resolve(name, version, label)
-        core.refuse_classify_or_regress(servable, request.get("signature_name"), verb)
+        servable = self.core.store.resolve(name, version, label)
+        self.core.refuse_classify_or_regress(servable, request.get("signature_name"), verb)
 
 
 def _target(match) -> tuple[str, int | None, str | None]:
@@ -251,41 +253,129 @@ def _metadata_json(core: ServingCore, name, version, label, info) -> bytes:
     ).encode()
 
 
-class RestServer(ThreadingHTTPServer):
-    """The HTTP server; counts requests in flight so a shutdown can drain them."""
+class RestServer:
+    """The REST front end: an aiohttp server on its own event-loop thread.
 
-    daemon_threads = True
-    allow_reuse_address = True
+    Args:
+      address: (host, port); port 0 picks a free one.
+      core: the ServingCore.
+      max_request_bytes: largest body, compressed or not (0: DEFAULT_MAX_BODY).
+      timeout_s: a request's time limit (reading the body and the model call).
+      cors: add TF Serving's CORS headers.
+      threads: worker threads for model calls.
+      backlog: listen backlog (pending connections the kernel queues).
+    """
 
     def __init__(
         self,
-        address,
+        address: tuple[str, int],
         core: ServingCore,
         max_request_bytes: int = 0,
         timeout_s: float = 30.0,
         cors: bool = False,
+        threads: int = 16,
+        backlog: int = 1024,
     ):
-        super().__init__(address, _Handler)
         self.core = core
-        self.max_request_bytes = max_request_bytes
+        self.routes = _Routes(core, timeout_s)
+        self.max_body = max_request_bytes or DEFAULT_MAX_BODY
         self.timeout_s = timeout_s
         self.cors = cors
         self.draining = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
+        self._loop = asyncio.new_event_loop()
         self._in_flight = 0
         self._cond = threading.Condition()
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # Bodies are gunzipped here, within the size limit, not by aiohttp.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, auto_decompress=False
+        )
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, address[0], address[1], backlog=backlog)
+        self._loop.run_until_complete(site.start())  # raises OSError when the port is taken
+        self.server_address = tuple(self._runner.addresses[0][:2])
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rest", daemon=True)
+        self._thread.start()
 
-    def enter(self) -> None:
+    # ------------------------------------------------------------------ requests
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        start = time.monotonic()
+        method = request.method
+        path = request.raw_path.split("?", 1)[0]
+        if method == "OPTIONS":
+            origin = request.headers.get("Origin", "")
+            return self._response(200 if re.match(r"https?://", origin) else 400, b"", None)
+        if not _V1.fullmatch(path):
+            return self._response(404, _HTML_404, "text/html")
+        info = {"model": "", "version": None, "batch": None}
         with self._cond:
             self._in_flight += 1
+        try:
+            status, payload = await self._answer(request, method, path, info)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+        log_access(
+            "rest", method, info["model"], info["version"], info["batch"], str(status), start
+        )
+        return self._response(status, payload, "application/json")
 
-    def leave(self) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify_all()
+    async def _answer(self, request, method, path, info) -> tuple[int, bytes]:
+        try:
+            # The key first, from the headers alone: nothing else is read for a stranger.
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            self.core.admit(headers, request.remote or "")
+            body = await asyncio.wait_for(_read_body(request, self.max_body), self.timeout_s)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._pool, self.routes.route, method, path, body, info
+            )
+        except ServingError as e:
+            status = e.http_status
+            if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_request_bytes" in e.message:
+                status = 413
+            return status, error_body(e.message)
+        except TimeoutError:
+            return 408, error_body(f"Request not received within {self.timeout_s:g}s")
+        except Exception as e:  # never let one request take the server down silently
+            return 500, error_body(f"Internal error: {type(e).__name__}: {e}")
+
+    def _response(self, status: int, body: bytes, content_type: str | None) -> web.Response:
+        headers = {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.cors:
+            headers["Access-Control-Allow-Origin"] = "*"
+            headers["Access-Control-Allow-Methods"] = "POST, GET"
+            headers["Access-Control-Allow-Headers"] = "Content-Type"
+        if self.draining:
+            headers["Connection"] = "close"
+        return web.Response(status=status, body=body, headers=headers)
+
+    # ------------------------------------------------------------------ lifecycle
 
     def drain(self, timeout_s: float) -> bool:
         """Stops accepting, then waits for requests in flight; True when none remain."""
         self.draining = True
-        self.shutdown()
+        future = asyncio.run_coroutine_threadsafe(self._stop_listening(), self._loop)
+        future.result(timeout=timeout_s + 5)
         with self._cond:
             return self._cond.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    async def _stop_listening(self) -> None:
+        for site in list(self._runner.sites):
+            await site.stop()
+
+    def server_close(self) -> None:
+        """Closes connections, the event loop and the worker threads."""
+        future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        # Connections that would not close in time die with the loop.
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            future.result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
