@@ -76,9 +76,19 @@ def read_api_key(env_var: str = "", path: str = "") -> str | None:
 
 def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> None:
     """app.run(main): TensorFlow imported quietly first, user errors printed as one line
-    (exit status 2) instead of a traceback."""
+    (exit status 2) instead of a traceback; --version prints the version."""
+    if "--version" in sys.argv[1:]:
+        from copycat_tf import __version__
+
+        print(f"copycat_tf {__version__}")
+        sys.exit(0)
     for name in required:
         flags.mark_flag_as_required(name)
+    if main.__module__ != "__main__":
+        # A console script (copycat-<verb>): absl's --help lists the key flags of the
+        # program it runs, so the verb's flags are made key flags of that program too.
+        for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def wrapped(argv):
         from copycat_tf._native_log import import_tensorflow_quietly, quiet_library_info

@@ -22,7 +22,12 @@ flags.DEFINE_string(
     "NPD spec (default: folder:/usr/share/openclipart/png when present, else the data-free "
     "generator).",
 )
-flags.DEFINE_string("workdir", "", "Where everything goes (default runs/demo or runs/demo_quick).")
+flags.DEFINE_string(
+    "workdir",
+    "",
+    "Where everything goes (default: runs/demo or runs/demo_quick, relative to the current "
+    "directory).",
+)
 flags.DEFINE_integer("query_budget", None, "NPD queries (default: the recipe's).", lower_bound=1)
 flags.DEFINE_integer(
     "epochs", None, "Target and copycat epochs (default: the recipes').", lower_bound=1
@@ -93,5 +98,10 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.demo`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -49,5 +49,10 @@ def main(argv):
     print(format_table(report, FLAGS.out))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.evaluate`."""
     cli.run(main, required=("target", "copycat", "out"))
+
+
+if __name__ == "__main__":
+    entry()

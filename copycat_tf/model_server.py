@@ -150,5 +150,10 @@ def main(argv):
     app.serve(app.server_config_from_flags(FLAGS))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.model_server`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -205,5 +205,10 @@ def main(argv):
     print(format_summary(manifest, FLAGS.output_dir))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.steal`."""
     cli.run(main, required=("target", "npd", "output_dir", "query_budget"))
+
+
+if __name__ == "__main__":
+    entry()

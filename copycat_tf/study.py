@@ -27,13 +27,21 @@ flags.DEFINE_string(
     "experiments/fashion_mnist",
     "Where study.json, RESULTS.md and the plots go (relative to the current directory).",
 )
-flags.DEFINE_string("workdir", "runs/fashion_mnist/study", "The study's artefacts.")
+flags.DEFINE_string(
+    "workdir",
+    "runs/fashion_mnist/study",
+    "The study's artefacts (relative to the current directory).",
+)
 flags.DEFINE_string(
     "target_workdir",
     "runs/fashion_mnist/target",
-    "train_target's workdir (reused when done, as target.flags makes it).",
+    "train_target's workdir, reused when done (relative to the current directory).",
 )
-flags.DEFINE_string("model_base_path", "runs/fashion_mnist/models", "Export root of the target.")
+flags.DEFINE_string(
+    "model_base_path",
+    "runs/fashion_mnist/models",
+    "Export root of the target (relative to the current directory).",
+)
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")
 flags.DEFINE_string("data_dir", None, "Its data directory (default: Debian's Fashion-MNIST).")
 flags.DEFINE_list("parts", list(PARTS), f"What to run: {', '.join(PARTS)}.")
@@ -100,5 +108,10 @@ def main(argv):
     print(f"study: {FLAGS.results_dir}/RESULTS.md (from study.json); artefacts in {FLAGS.workdir}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.study`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -112,5 +112,10 @@ def main(argv):
     print(format_summary(summary))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.train_copycat`."""
     cli.run(main, required=("fake_dataset", "workdir"))
+
+
+if __name__ == "__main__":
+    entry()

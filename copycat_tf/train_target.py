@@ -55,5 +55,10 @@ def main(argv):
     print(format_summary(summary))
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script (copycat-...) and `python -m copycat_tf.train_target`."""
     cli.run(main, required=("pd_data", "workdir"))
+
+
+if __name__ == "__main__":
+    entry()

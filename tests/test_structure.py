@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import tomllib
 
 from cli_util import REPO, run_verb
 
@@ -70,6 +71,31 @@ def test_help_needs_no_tensorflow_and_shows_recipe_defaults(tmp_path):
     recipe = Recipe()
     assert f"(default: '{recipe.learning_rate}')" in proc.stdout
     assert f"(default: '{recipe.balance}')" in proc.stdout
+
+
+def test_package_lists_its_verbs_and_version():
+    from copycat_tf import __version__
+    from copycat_tf.__main__ import VERBS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "copycat_tf"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    for verb, _ in VERBS:
+        assert f"  {verb} " in proc.stdout
+        assert scripts[f"copycat-{verb.replace('_', '-')}"] == f"copycat_tf.{verb}:entry"
+    assert len(scripts) == len(VERBS)
+    for verb in ("", ".steal"):
+        proc = subprocess.run(
+            [sys.executable, "-m", f"copycat_tf{verb}", "--version"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (proc.returncode, proc.stdout) == (0, f"copycat_tf {__version__}\n"), proc.stderr
 
 
 def test_recipe_defaults_live_in_one_place():

@@ -37,6 +37,11 @@ def test_plan_steals_and_trains_nothing_twice():
     assert plan.runs["npd_pd"].pd_dataset == "pd"
     assert {"balance_resample", "balance_none"} <= set(plan.runs)
     assert len(plan.runs) == len(set(plan.runs))
+    # Every row is filed under the part that planned it (the report's sections).
+    assert {row.group for row in plan.rows} == set(PARTS)
+    by_run = {row.run: row.group for row in plan.rows}
+    assert by_run["prep_white"] == "preparation" and by_run["gen_mix"] == "generators"
+    assert by_run["labels_topk3"] == "label_modes"
 
 
 def _run(**fields):
@@ -75,6 +80,7 @@ def test_render_tables_and_plot(tmp_path):
         "rows": [
             {"group": "budget", "label": "500 queries", "run": "a"},
             {"group": "budget", "label": "1,000 queries", "run": "b"},
+            {"group": "budget", "label": "2,000 queries", "run": "c"},
         ],
         "parts": ["budget"],
     }
@@ -86,6 +92,7 @@ def test_render_tables_and_plot(tmp_path):
     assert "| target | - | 0.9000 | 0.8000 | - | - | - | 30 s |" in text
     assert "| 1,000 queries | 500 | 0.6000 | 0.4000 | 0.5000 | 66.7% | 50.0% | 12 s |" in text
     assert "![query-budget curve](budget_curve.png)" in text
+    assert "Not measured yet (the command above resumes here): 2,000 queries." in text
     png = (tmp_path / results.BUDGET_PLOT).read_bytes()
     results.write_results(str(tmp_path), study)
     assert (tmp_path / results.BUDGET_PLOT).read_bytes() == png  # deterministic plot

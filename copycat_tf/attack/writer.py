@@ -26,7 +26,7 @@ MAX_SKIP_EXAMPLES = 100
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def check_output_dir(directory: str, identity: dict) -> dict | None:

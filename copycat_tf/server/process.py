@@ -16,7 +16,9 @@ import time
 
 import requests
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The directory holding the copycat_tf package (a checkout or site-packages): the child
+# imports the same copycat_tf as its parent, from any working directory.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -127,13 +129,13 @@ class ServerProcess:
             fd, self._stderr_path = tempfile.mkstemp(prefix="model_server-", suffix=".log")
             os.close(fd)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+        parts = (_PACKAGE_PARENT, env.get("PYTHONPATH"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full pipe
         # would block its logging.
         with open(self._stderr_path, "w") as log:
             self.proc = subprocess.Popen(
                 self.args,
-                cwd=_REPO,
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

@@ -216,27 +216,27 @@ def build_plan(s: PlanSettings) -> Plan:
         plan.row("sources", f"data-free: `{recipe.npd}`", run)
     small = dataclasses.replace(base, query_budget=s.variant_budget)
 
-    def variant(group: str, name: str, label: str, recipe: Recipe) -> None:
-        data = plan.dataset(f"{group}_{name}", recipe)
-        plan.row(group, label, plan.run(RunSpec(f"{group}_{name}", data, recipe)))
+    def variant(part: str, prefix: str, name: str, label: str, recipe: Recipe) -> None:
+        data = plan.dataset(f"{prefix}_{name}", recipe)
+        plan.row(part, label, plan.run(RunSpec(f"{prefix}_{name}", data, recipe)))
 
     if "preparation" in s.parts:
         plan.row("preparation", "the recipe's preparation", npd_run(s.variant_budget))
         for name, label, fields in PREPARATION_VARIANTS:
-            variant("prep", name, label, dataclasses.replace(small, **fields))
+            variant("preparation", "prep", name, label, dataclasses.replace(small, **fields))
     if "generators" in s.parts:
         plan.row("generators", f"natural: `{base.resolved_npd()}`", npd_run(s.variant_budget))
         for name in GENERATOR_NAMES:
             recipe = dataclasses.replace(small, npd=f"synthetic:{name}")
-            variant("gen", name, f"`synthetic:{name}`", recipe)
+            variant("generators", "gen", name, f"`synthetic:{name}`", recipe)
         mix = f"mix:0.5*{base.resolved_npd()}|0.5*synthetic:{s.data_free}"
-        variant("gen", "mix", f"`{mix}`", dataclasses.replace(small, npd=mix))
+        variant("generators", "gen", "mix", f"`{mix}`", dataclasses.replace(small, npd=mix))
     if "label_modes" in s.parts:
         plan.row("label_modes", "hard labels (top-1)", npd_run(s.variant_budget))
         for mode in ("topk:3", "scores"):
             recipe = dataclasses.replace(small, label_mode=mode)
             name = mode.replace(":", "")
-            variant("labels", name, f"`{mode}` (soft labels: distillation)", recipe)
+            variant("label_modes", "labels", name, f"`{mode}` (soft labels: distillation)", recipe)
     if "copycat" in s.parts:
         plan.row("copycat", "the recipe's copycat", reference)
         for name, label, fields in copycat_variants(base):

@@ -109,6 +109,15 @@ def _group_rows(study: dict, group: str) -> list[tuple[str, dict]]:
     ]
 
 
+def _pending_rows(study: dict, group: str) -> list[str]:
+    runs = study.get("runs", {})
+    return [
+        row["label"]
+        for row in study.get("rows", [])
+        if row["group"] == group and row["run"] not in runs
+    ]
+
+
 def budget_points(study: dict) -> list[tuple[int, float, float, float]]:
     """(queries, accuracy ratio, macro-F1 ratio, agreement) of the budget curve."""
     return sorted(
@@ -254,12 +263,20 @@ def render(study: dict, preface: str = "") -> str:
         ]
     for group in study.get("parts", []):
         members = _group_rows(study, group)
-        if not members:
+        pending = _pending_rows(study, group)
+        if not members and not pending:
             continue
-        rows = ([target_cells(target)] if target else []) + [
-            run_cells(label, run) for label, run in members
-        ]
-        out += [f"## {PARTS.get(group, group)}", "", markdown_table(HEADER, rows), ""]
+        out += [f"## {PARTS.get(group, group)}", ""]
+        if members:
+            rows = ([target_cells(target)] if target else []) + [
+                run_cells(label, run) for label, run in members
+            ]
+            out += [markdown_table(HEADER, rows), ""]
+        if pending:
+            out += [
+                "Not measured yet (the command above resumes here): " + "; ".join(pending) + ".",
+                "",
+            ]
         if group == "budget" and len(members) > 1:
             out += [f"![query-budget curve]({BUDGET_PLOT})", ""]
     if study.get("datasets"):

@@ -90,7 +90,7 @@ def _machine() -> dict:
 
 
 def _today() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return datetime.datetime.now(datetime.UTC).date().isoformat()
 
 
 def _key(obj) -> dict:
@@ -280,7 +280,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     study["name"] = cfg.name
     runner = _Study(cfg, plan, study)
     if cfg.render_only:
-        results.write_results(cfg.results_dir, study)
+        runner.save()  # rows from this plan, measurements from study.json
         return study
     init_workdir(
         cfg.workdir, {"verb": "study", "name": cfg.name, "pd_data": cfg.pd_data}, flags_text
