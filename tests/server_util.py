@@ -5,9 +5,33 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from copycat_tf.server.process import ServerProcess, free_port
 
-__all__ = ["ServerProcess", "in_process_server"]
+__all__ = ["OPTIONS", "ServerProcess", "grpc_predict", "images", "in_process_server"]
+
+# gRPC channel options of the tests: no message size limit on the client side.
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def images(n: int = 2, seed: int = 0) -> np.ndarray:
+    """n random 16x16x1 uint8 images (the tiny exported model's input)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+
+
+def grpc_predict(target: str, x: np.ndarray, metadata=None, model: str = "m"):
+    """PredictionService/Predict of x as the "images" input over a fresh channel."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(target, options=OPTIONS) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model
+        req.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
+        return stub.Predict(req, 30, metadata=metadata)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from server_util import ServerProcess
+from server_util import OPTIONS, ServerProcess
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -25,8 +25,6 @@ from tensorflow_serving.apis import (
 )
 
 from copycat_tf.server.tensors import format_float
-
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 @pytest.fixture(scope="module")

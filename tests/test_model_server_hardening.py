@@ -19,7 +19,7 @@ import pytest
 import requests
 import tensorflow as tf
 from conftest import export_tiny_model
-from server_util import ServerProcess
+from server_util import OPTIONS, ServerProcess, grpc_predict, images
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     model_management_pb2,
@@ -28,21 +28,6 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
-
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def _images(n=2, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
-
-
-def _predict(target, x, metadata=None, model="m"):
-    with grpc.insecure_channel(target, options=OPTIONS) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        req = predict_pb2.PredictRequest()
-        req.model_spec.name = model
-        req.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
-        return stub.Predict(req, 30, metadata=metadata)
 
 
 def _reload(target, base_path, metadata=None, name="m"):
@@ -94,7 +79,7 @@ def test_model_reload_is_off_unless_enabled(tiny_export):
     with ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m") as server:
         code, details = _code(lambda: _reload(server.grpc_target, "/etc"))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "--allow_reload_config" in details
-        assert _predict(server.grpc_target, _images()).outputs["scores"].float_val
+        assert grpc_predict(server.grpc_target, images()).outputs["scores"].float_val
 
 
 def test_reload_needs_an_admin_key_and_a_path_under_the_roots(tmp_path, tiny_export):
@@ -127,7 +112,7 @@ def test_reload_needs_an_admin_key_and_a_path_under_the_roots(tmp_path, tiny_exp
         code, details = _code(lambda: _reload(target, root / "link" / "m", admin))
         assert code == grpc.StatusCode.INVALID_ARGUMENT  # a symlink out of the root
         assert _reload(target, root / "m", admin).status.error_code == 0
-        assert _predict(target, _images(), predict_key).outputs["scores"].float_val
+        assert grpc_predict(target, images(), predict_key).outputs["scores"].float_val
 
 
 def test_a_model_reloaded_away_and_back_is_served_again(tmp_path, tiny_export):
@@ -143,14 +128,14 @@ def test_a_model_reloaded_away_and_back_is_served_again(tmp_path, tiny_export):
         model="m",
     ) as server:
         target = server.grpc_target
-        first = _predict(target, _images()).outputs["scores"].float_val[:]
+        first = grpc_predict(target, images()).outputs["scores"].float_val[:]
         _reload(target, root / "b")
         assert _wait_for(
-            lambda: _predict(target, _images()).outputs["scores"].float_val[:] != first
+            lambda: grpc_predict(target, images()).outputs["scores"].float_val[:] != first
         )
         _reload(target, root / "a")  # the original config again
         assert _wait_for(
-            lambda: _predict(target, _images()).outputs["scores"].float_val[:] == first
+            lambda: grpc_predict(target, images()).outputs["scores"].float_val[:] == first
         )
 
 
@@ -226,7 +211,7 @@ def test_wrong_keys_are_rate_limited_per_address(tiny_export, tmp_path):
         assert codes[:5] == [401] * 5 and codes[5:] == [429] * 3
         # Once refused, the address is refused whatever key it sends, for the minute.
         assert requests.get(url, headers={"x-api-key": "right"}).status_code == 429
-        code, _ = _code(lambda: _predict(server.grpc_target, _images(), [("x-api-key", "x")]))
+        code, _ = _code(lambda: grpc_predict(server.grpc_target, images(), [("x-api-key", "x")]))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -287,11 +272,11 @@ def test_declared_sizes_are_checked_before_allocating(server):
 
 def test_large_requests_are_split_or_refused_as_tf_serving_does(tiny_export):
     flags = [f"--model_base_path={tiny_export[0]}", "--model_name=m", "--max_batch_size=16"]
-    x = _images(40)
+    x = images(40)
     with ServerProcess(*flags) as split:
-        assert len(_predict(split.grpc_target, x).outputs["classes"].int64_val) == 40
+        assert len(grpc_predict(split.grpc_target, x).outputs["classes"].int64_val) == 40
     with ServerProcess(*flags, "--noenable_large_batch_splitting") as refuse:
-        code, details = _code(lambda: _predict(refuse.grpc_target, x))
+        code, details = _code(lambda: grpc_predict(refuse.grpc_target, x))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details == "Task size 40 is larger than maximum input batch size 16"
 
@@ -318,7 +303,7 @@ def test_oversized_encoded_images_are_not_decoded(server):
     )
     assert r.status_code == 400 and "--max_image_pixels" in r.json()["error"]
     assert server.rss_kb() - rss < 100_000
-    small = base64.b64encode(tf.io.encode_png(_images(1)[0]).numpy()).decode()
+    small = base64.b64encode(tf.io.encode_png(images(1)[0]).numpy()).decode()
     r = requests.post(
         f"{server.rest}/v1/models/m:predict",
         json={"signature_name": "serving_bytes", "instances": [{"b64": small}]},
@@ -387,7 +372,7 @@ def test_a_string_output_in_the_row_format(tmp_path):
 
 
 def test_http_framing_is_handled(server):
-    body = json.dumps({"instances": _images(1).tolist()}).encode()
+    body = json.dumps({"instances": images(1).tolist()}).encode()
     half = len(body) // 2
     chunked = (
         b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -412,7 +397,7 @@ def test_http_framing_is_handled(server):
 
 
 def test_a_hundred_simultaneous_clients_and_hangups(server):
-    x = _images(1)
+    x = images(1)
 
     def one(i):
         if i % 10 == 0:  # some hang up mid-request
@@ -460,7 +445,7 @@ def _hostile(rng: random.Random) -> tuple[str, bytes, dict]:
 
 def test_fuzz_hostile_inputs_get_4xx_and_the_server_stays_correct(tiny_export):
     rng = random.Random(7)
-    x = _images(2, seed=3)
+    x = images(2, seed=3)
     expected = (
         tf.saved_model.load(tiny_export[1])
         .signatures["serving_default"](images=tf.constant(x))["classes"]
@@ -473,7 +458,7 @@ def test_fuzz_hostile_inputs_get_4xx_and_the_server_stays_correct(tiny_export):
         "--max_image_pixels=1000000",
     ) as server:
         for _ in range(10):
-            _predict(server.grpc_target, x)
+            grpc_predict(server.grpc_target, x)
         rss = server.rss_kb()
         url = f"{server.rest}/v1/models/m:predict"
         deadline = time.monotonic() + 60
@@ -491,7 +476,7 @@ def test_fuzz_hostile_inputs_get_4xx_and_the_server_stays_correct(tiny_export):
                 ]
                 code, _ = _code(lambda d=dims: stub.Predict(_declared(d), 30))
                 assert code in (grpc.StatusCode.INVALID_ARGUMENT,), (dims, code)
-        got = _predict(server.grpc_target, x).outputs["classes"].int64_val
+        got = grpc_predict(server.grpc_target, x).outputs["classes"].int64_val
         np.testing.assert_array_equal(got, expected)
         assert server.proc.poll() is None and "Traceback" not in server.log()
         assert server.rss_kb() - rss < 150_000  # KiB

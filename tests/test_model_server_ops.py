@@ -19,25 +19,10 @@ import requests
 import tensorflow as tf
 from cli_util import error_lines, run_verb
 from conftest import export_tiny_model
-from server_util import ServerProcess, in_process_server
+from server_util import OPTIONS, ServerProcess, grpc_predict, images, in_process_server
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from copycat_tf.server.defenses import parse_defense
-
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def _images(n=2, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
-
-
-def _grpc_predict(target, x, metadata=None, model="m"):
-    with grpc.insecure_channel(target, options=OPTIONS) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        req = predict_pb2.PredictRequest()
-        req.model_spec.name = model
-        req.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
-        return stub.Predict(req, 30, metadata=metadata)
 
 
 def _rest_predict(server, x, headers=None, path="m"):
@@ -63,9 +48,9 @@ def test_hot_reload_and_broken_version(tmp_path):
     export_tiny_model(base, version=1, seed=1)
     with in_process_server(os.path.join(base, "m"), poll_seconds=0.2) as server:
         target = f"127.0.0.1:{server.grpc_port}"
-        assert _grpc_predict(target, _images()).model_spec.version.value == 1
+        assert grpc_predict(target, images()).model_spec.version.value == 1
         export_tiny_model(base, version=2, seed=2)
-        assert _wait_for(lambda: _grpc_predict(target, _images()).model_spec.version.value == 2)
+        assert _wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 2)
         status = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m").json()
         states = {s["version"]: s["state"] for s in status["model_version_status"]}
         assert states == {"2": "AVAILABLE", "1": "END"}
@@ -82,11 +67,11 @@ def test_hot_reload_and_broken_version(tmp_path):
                 ]
             )
         )
-        assert _grpc_predict(target, _images()).model_spec.version.value == 2
+        assert grpc_predict(target, images()).model_spec.version.value == 2
         # Fixing version 3 in place (new directory contents) gets it loaded.
         shutil.rmtree(broken)
         export_tiny_model(base, version=3, seed=3)
-        assert _wait_for(lambda: _grpc_predict(target, _images()).model_spec.version.value == 3)
+        assert _wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 3)
 
 
 def test_version_policies_from_config_file(tmp_path):
@@ -118,7 +103,7 @@ def test_version_policies_from_config_file(tmp_path):
         assert versions("all") == [1, 2, 3]
         assert versions("two") == [1, 3]
         assert versions("latest2") == [2, 3]
-        r = _rest_predict(server, _images(1), path="two/labels/canary")
+        r = _rest_predict(server, images(1), path="two/labels/canary")
         assert r.status_code == 200
 
 
@@ -137,14 +122,13 @@ def test_api_keys(tmp_path, tiny_export):
     from copycat_tf.server.core import parse_api_keys_file
 
     with in_process_server(tiny_export[0], api_keys=parse_api_keys_file(str(keys))) as server:
-        r = _rest_predict(server, _images())
+        r = _rest_predict(server, images())
         assert r.status_code == 401 and "predictions" not in r.text
         assert "API key" in r.json()["error"]
-        assert _rest_predict(server, _images(), {"X-API-Key": "wrong"}).status_code == 401
-        assert _rest_predict(server, _images(), {"X-API-Key": "secret-1"}).status_code == 200
+        assert _rest_predict(server, images(), {"X-API-Key": "wrong"}).status_code == 401
+        assert _rest_predict(server, images(), {"X-API-Key": "secret-1"}).status_code == 200
         assert (
-            _rest_predict(server, _images(), {"Authorization": "Bearer secret-2"}).status_code
-            == 200
+            _rest_predict(server, images(), {"Authorization": "Bearer secret-2"}).status_code == 200
         )
         # Status and metadata are protected too: nothing about the model leaks.
         r = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m/metadata")
@@ -152,25 +136,25 @@ def test_api_keys(tmp_path, tiny_export):
 
         target = f"127.0.0.1:{server.grpc_port}"
         with pytest.raises(grpc.RpcError) as info:
-            _grpc_predict(target, _images())
+            grpc_predict(target, images())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        resp = _grpc_predict(target, _images(), metadata=[("x-api-key", "secret-1")])
+        resp = grpc_predict(target, images(), metadata=[("x-api-key", "secret-1")])
         assert resp.outputs["scores"].float_val
 
 
 def test_rate_limit(tiny_export):
     with in_process_server(tiny_export[0], rate_limit_qps=2.0) as server:
-        codes = [_rest_predict(server, _images(1)).status_code for _ in range(8)]
+        codes = [_rest_predict(server, images(1)).status_code for _ in range(8)]
         assert codes[:2] == [200, 200] and 429 in codes
-        body = _rest_predict(server, _images(1)).json()
+        body = _rest_predict(server, images(1)).json()
         assert "Rate limit" in body.get("error", "Rate limit")
         time.sleep(1.1)  # the bucket refills
-        assert _rest_predict(server, _images(1)).status_code == 200
+        assert _rest_predict(server, images(1)).status_code == 200
         target = f"127.0.0.1:{server.grpc_port}"
         errors = []
         for _ in range(6):
             try:
-                _grpc_predict(target, _images(1))
+                grpc_predict(target, images(1))
             except grpc.RpcError as e:
                 errors.append(e.code())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in errors
@@ -178,13 +162,13 @@ def test_rate_limit(tiny_export):
 
 def test_top1_defense_returns_no_scores(tiny_export):
     with in_process_server(tiny_export[0], defense=parse_defense("top1")) as server:
-        r = _rest_predict(server, _images(3))
+        r = _rest_predict(server, images(3))
         assert r.status_code == 200
         # One output left: TF Serving's row format lists its values without a name.
         predictions = r.json()["predictions"]
         assert len(predictions) == 3 and all(isinstance(p, int) for p in predictions)
         assert "scores" not in r.text
-        resp = _grpc_predict(f"127.0.0.1:{server.grpc_port}", _images(3))
+        resp = grpc_predict(f"127.0.0.1:{server.grpc_port}", images(3))
         assert set(resp.outputs) == {"classes"}
         meta = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m/metadata").json()
         sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
@@ -194,7 +178,7 @@ def test_top1_defense_returns_no_scores(tiny_export):
 @pytest.mark.parametrize("spec", ["topk:1", "round:1", "reverse_sigmoid:0.7,0.5", "gaussian:0.05"])
 def test_score_defenses_over_the_wire(tiny_export, spec):
     loaded = tf.saved_model.load(tiny_export[1])
-    x = _images(4, seed=5)
+    x = images(4, seed=5)
     clean = loaded.signatures["serving_default"](images=tf.constant(x))["scores"].numpy()
     with in_process_server(tiny_export[0], defense=parse_defense(spec)) as server:
         predictions = _rest_predict(server, x).json()["predictions"]
@@ -222,7 +206,7 @@ def test_full_queue_answers_503_and_unavailable(tiny_export):
     with in_process_server(
         tiny_export[0], max_enqueued=1, num_batch_threads=1, max_batch_size=1
     ) as server:
-        big = _images(3000, seed=6)
+        big = images(3000, seed=6)
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             codes = list(pool.map(lambda _: _rest_predict(server, big).status_code, range(12)))
         assert 503 in codes and 200 in codes
@@ -231,12 +215,12 @@ def test_full_queue_answers_503_and_unavailable(tiny_export):
                 pool.map(lambda _: _grpc_code(f"127.0.0.1:{server.grpc_port}", big), range(12))
             )
         assert grpc.StatusCode.UNAVAILABLE in grpc_codes
-        assert _rest_predict(server, _images(1)).status_code == 200
+        assert _rest_predict(server, images(1)).status_code == 200
 
 
 def _grpc_code(target, x):
     try:
-        _grpc_predict(target, x)
+        grpc_predict(target, x)
         return grpc.StatusCode.OK
     except grpc.RpcError as e:
         return e.code()
@@ -245,7 +229,7 @@ def _grpc_code(target, x):
 def test_sigterm_drains_in_flight_requests(tiny_export):
     server = ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m")
     with server:
-        body = json.dumps({"instances": _images(20000, seed=7).tolist()})  # ~10 MB
+        body = json.dumps({"instances": images(20000, seed=7).tolist()})  # ~10 MB
         results = {}
 
         def call():
@@ -325,7 +309,7 @@ def _garbage_on_grpc_port(port: int, rng: random.Random) -> None:
 def test_fuzz_both_apis_then_still_correct(tiny_export):
     rng = random.Random(1234)
     loaded = tf.saved_model.load(tiny_export[1])
-    x = _images(2, seed=8)
+    x = images(2, seed=8)
     expected = loaded.signatures["serving_default"](images=tf.constant(x))
     with ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m") as server:
         for _ in range(20):  # warm up so RSS measures growth, not first-use allocation
@@ -348,7 +332,7 @@ def test_fuzz_both_apis_then_still_correct(tiny_export):
             np.array([p["scores"] for p in r.json()["predictions"]], np.float32),
             expected["scores"].numpy(),
         )
-        resp = _grpc_predict(server.grpc_target, x)
+        resp = grpc_predict(server.grpc_target, x)
         np.testing.assert_array_equal(
             tf.make_ndarray(resp.outputs["classes"]), expected["classes"].numpy()
         )
@@ -406,7 +390,7 @@ def test_batching_parameters_file_with_a_misspelt_field(tmp_path, tiny_export):
     bad.write_text("max_batch_size { value: 8 }\nmax_enqueued_batchs { value: 4 }\n")
     flags = [f"--model_base_path={tiny_export[0]}", "--model_name=m"]
     with ServerProcess(*flags, f"--batching_parameters_file={good}") as server:
-        assert _rest_predict(server, _images(3)).status_code == 200
+        assert _rest_predict(server, images(3)).status_code == 200
     proc = run_verb(
         "model_server",
         f"--model_base_path={tiny_export[0]}",
