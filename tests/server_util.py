@@ -4,12 +4,13 @@ copycat_tf.server.process.ServerProcess)."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 
 from copycat_tf.server.process import ServerProcess, free_port
 
-__all__ = ["OPTIONS", "ServerProcess", "grpc_predict", "images", "in_process_server"]
+__all__ = ["OPTIONS", "ServerProcess", "grpc_predict", "images", "in_process_server", "wait_for"]
 
 # gRPC channel options of the tests: no message size limit on the client side.
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -53,3 +54,13 @@ def in_process_server(base_path: str, model: str = "m", **overrides):
         yield server
     finally:
         server.stop()
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Polls predicate() every 0.1 s until it is true (True) or timeout seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False

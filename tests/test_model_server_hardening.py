@@ -19,7 +19,7 @@ import pytest
 import requests
 import tensorflow as tf
 from conftest import export_tiny_model
-from server_util import OPTIONS, ServerProcess, grpc_predict, images
+from server_util import OPTIONS, ServerProcess, grpc_predict, images, wait_for
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     model_management_pb2,
@@ -44,15 +44,6 @@ def _code(call):
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), info.value.details()
-
-
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _raw_http(port: int, request: bytes, timeout=10.0) -> bytes:
@@ -130,11 +121,11 @@ def test_a_model_reloaded_away_and_back_is_served_again(tmp_path, tiny_export):
         target = server.grpc_target
         first = grpc_predict(target, images()).outputs["scores"].float_val[:]
         _reload(target, root / "b")
-        assert _wait_for(
+        assert wait_for(
             lambda: grpc_predict(target, images()).outputs["scores"].float_val[:] != first
         )
         _reload(target, root / "a")  # the original config again
-        assert _wait_for(
+        assert wait_for(
             lambda: grpc_predict(target, images()).outputs["scores"].float_val[:] == first
         )
 
@@ -152,7 +143,7 @@ def test_a_broken_version_does_not_echo_paths(tmp_path):
             status = requests.get(f"{server.rest}/v1/models/m").json()["model_version_status"]
             return [s["status"]["error_message"] for s in status if s["version"] == "2"]
 
-        assert _wait_for(lambda: any(errors()))
+        assert wait_for(lambda: any(errors()))
         assert str(tmp_path) not in errors()[0] and "DecodeError" in errors()[0]
 
 

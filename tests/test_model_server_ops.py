@@ -19,7 +19,7 @@ import requests
 import tensorflow as tf
 from cli_util import error_lines, run_verb
 from conftest import export_tiny_model
-from server_util import OPTIONS, ServerProcess, grpc_predict, images, in_process_server
+from server_util import OPTIONS, ServerProcess, grpc_predict, images, in_process_server, wait_for
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from copycat_tf.server.defenses import parse_defense
@@ -34,15 +34,6 @@ def _rest_predict(server, x, headers=None, path="m"):
     )
 
 
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_hot_reload_and_broken_version(tmp_path):
     base = str(tmp_path / "models")
     export_tiny_model(base, version=1, seed=1)
@@ -50,7 +41,7 @@ def test_hot_reload_and_broken_version(tmp_path):
         target = f"127.0.0.1:{server.grpc_port}"
         assert grpc_predict(target, images()).model_spec.version.value == 1
         export_tiny_model(base, version=2, seed=2)
-        assert _wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 2)
+        assert wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 2)
         status = requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m").json()
         states = {s["version"]: s["state"] for s in status["model_version_status"]}
         assert states == {"2": "AVAILABLE", "1": "END"}
@@ -59,7 +50,7 @@ def test_hot_reload_and_broken_version(tmp_path):
         broken = tmp_path / "models" / "m" / "3"
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"garbage")
-        assert _wait_for(
+        assert wait_for(
             lambda: any(
                 s["version"] == "3" and s["state"] == "END" and s["status"]["error_message"]
                 for s in requests.get(f"http://127.0.0.1:{server.rest_port}/v1/models/m").json()[
@@ -71,7 +62,7 @@ def test_hot_reload_and_broken_version(tmp_path):
         # Fixing version 3 in place (new directory contents) gets it loaded.
         shutil.rmtree(broken)
         export_tiny_model(base, version=3, seed=3)
-        assert _wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 3)
+        assert wait_for(lambda: grpc_predict(target, images()).model_spec.version.value == 3)
 
 
 def test_version_policies_from_config_file(tmp_path):
