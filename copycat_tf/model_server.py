@@ -146,6 +146,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from copycat_tf.server import app
+    from copycat_tf.server.process import die_with_parent
+
+    die_with_parent()
 
     app.serve(app.server_config_from_flags(FLAGS))
 

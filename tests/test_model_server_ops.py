@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from cli_util import error_lines, run_verb
+from cli_util import REPO, error_lines, run_verb
 from conftest import export_tiny_model
 from server_util import OPTIONS, ServerProcess, grpc_predict, images, in_process_server, wait_for
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -391,3 +393,75 @@ def test_batching_parameters_file_with_a_misspelt_field(tmp_path, tiny_export):
     assert proc.returncode == 2
     lines = error_lines(proc)
     assert len(lines) == 1 and "max_enqueued_batchs" in lines[0] and str(bad) in lines[0], lines
+
+
+def test_servers_start_from_a_process_with_live_grpc_channels(tmp_path):
+    """grpcio >= 1.81 aborts a forked child before exec when Popen closes its descriptors
+    while channels are live (grpc/grpc#43055): one server start in ~8 died with SIGABRT.
+    spawn() must start children reliably from such a process (the demo, study, tests)."""
+    code = (
+        "import sys\n"
+        "from concurrent import futures\n"
+        "import grpc\n"
+        "from copycat_tf.server.process import spawn\n"
+        "server = grpc.server(futures.ThreadPoolExecutor(2))\n"
+        "port = server.add_insecure_port('127.0.0.1:0')\n"
+        "server.start()\n"
+        "channel = grpc.insecure_channel(f'127.0.0.1:{port}')\n"
+        "grpc.channel_ready_future(channel).result(timeout=30)\n"
+        "codes = []\n"
+        "with open(sys.argv[1], 'w') as log:\n"
+        "    for _ in range(150):\n"
+        "        codes.append(spawn(['true'], {}, log).wait())\n"
+        "print(sum(c != 0 for c in codes))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "log")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "0", (tmp_path / "log").read_text()[-2000:]
+
+
+def test_spawned_children_die_with_their_parent(tmp_path):
+    """A killed demo or test (SIGKILL: no cleanup runs) leaves no orphan server behind."""
+    log = tmp_path / "child.log"
+    child = (
+        "import sys, time\n"
+        "from copycat_tf.server.process import die_with_parent\n"
+        "die_with_parent()\n"
+        "print('ready', flush=True, file=sys.stderr)\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import os, sys, time\n"
+        "from copycat_tf.server.process import spawn\n"
+        f"with open({str(log)!r}, 'w') as log:\n"
+        f"    proc = spawn([sys.executable, '-c', {child!r}], dict(os.environ), log)\n"
+        "print(proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", parent], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child_pid = int(proc.stdout.readline())
+        assert wait_for(lambda: "ready" in log.read_text(), timeout=60), log.read_text()
+        assert _running(child_pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_for(lambda: not _running(child_pid), timeout=30)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (its new parent may reap it late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

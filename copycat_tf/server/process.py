@@ -62,15 +62,43 @@ def wait_available(
     raise TimeoutError(f"model {model} not AVAILABLE at {url} after {timeout_s:.0f}s")
 
 
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the process that started it dies (even by
-    SIGKILL), so a killed demo or test leaves no orphan server behind."""
+# The environment variable through which spawn() asks a child to die with its parent.
+PARENT_PID_ENV = "COPYCAT_TF_PARENT_PID"
+
+
+def spawn(args: list[str], env: dict, log) -> subprocess.Popen:
+    """Starts a child process tied to this one, stdout discarded, stderr to the file `log`.
+
+    The child ties itself (die_with_parent(), called first by model_server), so Popen runs
+    no Python between fork and exec: with gRPC live in this process, code there races gRPC's
+    fork handlers, which restart its poller in the child (grpcio >= 1.81, grpc/grpc#43055):
+    children died by SIGABRT ("epoll_wait error: Bad file descriptor") when Popen closed
+    descriptors before exec, and by SIGSEGV with a preexec_fn. close_fds=False for the same
+    reason; Python's descriptors are non-inheritable (PEP 446), exec closes them anyway.
+    """
+    return subprocess.Popen(
+        args,
+        env={**env, PARENT_PID_ENV: str(os.getpid())},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        close_fds=False,
+    )
+
+
+def die_with_parent() -> None:
+    """Linux: when started by spawn(), this process gets SIGTERM when the process that
+    started it dies (even by SIGKILL), so a killed demo or test leaves no orphan server."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl: nobody would signal
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServerProcess:
@@ -134,13 +162,7 @@ class ServerProcess:
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full pipe
         # would block its logging.
         with open(self._stderr_path, "w") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+            self.proc = spawn(self.args, env, log)
         try:
             wait_available(
                 self.rest_port,
