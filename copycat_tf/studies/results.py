@@ -29,6 +29,14 @@ RECIPE_FIELDS = (
     "npd",
     "query_budget",
     "crops_per_image",
+    "npd_background",
+    "npd_invert",
+    "npd_jitter",
+    "npd_blur",
+    "npd_crop_area",
+    "npd_crop_aspect",
+    "npd_cycle",
+    "npd_adapt_after",
     "label_mode",
     "model",
     "epochs",
@@ -36,7 +44,10 @@ RECIPE_FIELDS = (
     "learning_rate",
     "weight_decay",
     "augment",
+    "warmup_epochs",
+    "patience",
     "balance",
+    "max_replication",
     "holdout_percent",
     "finetune_epochs",
     "finetune_learning_rate",
@@ -155,7 +166,10 @@ def _recipe_table(study: dict) -> str:
     first = next((runs[r["run"]] for r in rows if r["run"] in runs), None)
     if first is None:
         return ""
-    recipe = first["key"]["recipe"]
+    recipe = dict(first["key"]["recipe"])
+    if not recipe.get("npd"):  # the default source: what its steal really used
+        dataset = study.get("datasets", {}).get(first["key"].get("dataset", ""), {})
+        recipe["npd"] = f"{dataset.get('npd', '')} (default)"
     cells = [[name, f"`{recipe[name]}`"] for name in RECIPE_FIELDS if name in recipe]
     return markdown_table(["setting", "value"], cells)
 
