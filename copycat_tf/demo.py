@@ -10,6 +10,8 @@ the copycat, evaluates it against the target and prints the results table. Every
 lands under --workdir (default runs/demo, runs/demo_quick with --quick).
 """
 
+import sys
+
 from absl import flags
 
 from copycat_tf import cli
@@ -71,7 +73,8 @@ def main(argv):
         f"(workdir {config.workdir})",
         flush=True,
     )
-    print(format_results(run_attack(config, verbose=1)))
+    # Keras progress bars on a terminal; one line per epoch in a log file or pipe.
+    print(format_results(run_attack(config, verbose=1 if sys.stdout.isatty() else 2)))
 
 
 def format_results(result: dict) -> str:
