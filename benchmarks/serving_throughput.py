@@ -12,6 +12,8 @@ measures, at batch sizes 1, 32 and 256 and several concurrent clients:
   rest-b64    POST :predict via serving_bytes, PNGs as {"b64": ...} (encoded beforehand)
 
 Clients and server share the machine's cores, as they do in the attack on one machine.
+Each configuration is measured --repeats times, the transports interleaved, and the best
+rate of each is kept (the host is shared: load from elsewhere only ever slows a run down).
 Prints a table with each transport's ratio to the in-process ceiling measured in the
 same run.
 """
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--clients", default="1,4")
     parser.add_argument("--simultaneous", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -149,27 +152,32 @@ def main() -> None:
                         "instances": [{"b64": p} for p in pngs[batch]],
                     }
                 )
-                ceiling = run_clients(in_process, clients, args.seconds, batch)
-                for name, make in (
-                    ("in-process", None),
-                    ("grpc", grpc_call),
-                    ("rest", rest_call(instances)),
-                    ("rest-b64", rest_call(b64)),
-                ):
-                    rate = (
-                        ceiling if make is None else run_clients(make, clients, args.seconds, batch)
-                    )
-                    rows.append((name, batch, clients, rate, rate / ceiling))
-                    print(
-                        f"  {name:10s} batch {batch:4d} clients {clients}: {rate:9.0f} img/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                makers = {
+                    "in-process": in_process,
+                    "grpc": grpc_call,
+                    "rest": rest_call(instances),
+                    "rest-b64": rest_call(b64),
+                }
+                best = dict.fromkeys(makers, 0.0)
+                for _ in range(args.repeats):
+                    for name, make in makers.items():
+                        rate = run_clients(make, clients, args.seconds, batch)
+                        best[name] = max(best[name], rate)
+                        print(
+                            f"  {name:10s} batch {batch:4d} clients {clients}: {rate:9.0f} img/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                for name, rate in best.items():
+                    rows.append((name, batch, clients, rate, rate / best["in-process"]))
 
         body = json.dumps({"instances": data[batches[0]].tolist()}).encode()
         ok, refused = simultaneous_clients(f"{server.rest_url}:predict", body, args.simultaneous)
 
-    print(f"\n{'transport':<11} {'batch':>5} {'clients':>7} {'images/s':>10} {'vs in-process':>14}")
+    print(
+        f"\n{'transport':<11} {'batch':>5} {'clients':>7} {'images/s':>10} {'vs in-process':>14}"
+        f"   (best of {args.repeats})"
+    )
     for name, batch, clients, rate, ratio in rows:
         print(f"{name:<11} {batch:>5} {clients:>7} {rate:>10.0f} {ratio:>13.0%}")
     print(
@@ -179,6 +187,7 @@ def main() -> None:
     print(
         f"\ncommand: .venv/bin/python -m benchmarks.serving_throughput --seconds={args.seconds:g}"
         f" --batches={args.batches} --clients={args.clients} --simultaneous={args.simultaneous}"
+        f" --repeats={args.repeats}"
     )
     print(machine_line("server in a separate process, clients on the same cores"))
 

@@ -79,6 +79,10 @@ class Recipe:
       npd_background, npd_invert, npd_jitter, npd_blur, npd_crop_area, npd_crop_aspect,
         npd_cycle, npd_adapt_after: how natural pictures are prepared for the target
         (data.preparation).
+      selection: which NPD items are sent (attack.selection.SELECTIONS).
+      selection_pool: candidates a query selection scores at most.
+      selection_round: queries a selection round chooses (0: an eighth of the budget, at
+        least npd_adapt_after).
       label_mode: what is kept of each answer: hard, topk:K or scores.
       model: copycat architecture (models.registry).
       epochs, batch_size, learning_rate, weight_decay, augment: copycat training.
@@ -106,6 +110,9 @@ class Recipe:
     npd_crop_aspect: str = "0.75,1.33"
     npd_cycle: bool = True
     npd_adapt_after: int = 2048
+    selection: str = "random"
+    selection_pool: int = 100_000
+    selection_round: int = 0
     label_mode: str = "hard"
     model: str = "small_cnn"
     epochs: int = 10

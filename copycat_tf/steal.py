@@ -11,6 +11,7 @@ never pays for a query twice. --query_budget is a hard cap on images answered.
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.recipe import Recipe
 
 RECIPE = Recipe()
@@ -87,6 +88,30 @@ flags.DEFINE_integer(
     RECIPE.npd_adapt_after,
     "Explore-then-commit: after this many stream positions, draw backgrounds and polarity "
     "with weights favouring those whose answers were rare labels (0: never adapt).",
+    lower_bound=0,
+)
+flags.DEFINE_enum(
+    "selection",
+    RECIPE.selection,
+    list(SELECTIONS),
+    "Which NPD items to send. random: the stream in order. The others choose in rounds: "
+    "after the --npd_adapt_after exploration (2048 when 0), a scout copycat trained on "
+    "every answer so far scores up to --selection_pool unsent candidates and a round of "
+    "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
+    "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set). "
+    "Each round's choice is saved in the fake dataset before it is sent.",
+)
+flags.DEFINE_integer(
+    "selection_pool",
+    RECIPE.selection_pool,
+    "Candidates a selection round scores at most (10 per query it chooses; memory: one "
+    "float per class per candidate, plus 128 features for kcenter).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "selection_round",
+    RECIPE.selection_round,
+    "Queries a selection round chooses (0: an eighth of --query_budget, at least the exploration).",
     lower_bound=0,
 )
 flags.DEFINE_boolean(
@@ -190,6 +215,9 @@ def main(argv):
             num_classes=FLAGS.num_classes,
             npd_data_dir=FLAGS.npd_data_dir,
             skew_check_after=FLAGS.skew_check_after,
+            selection=FLAGS.selection,
+            selection_pool=FLAGS.selection_pool,
+            selection_round=FLAGS.selection_round,
             progress=FLAGS.progress,
             target_options={
                 "api_key": cli.api_key_from_flags(),

@@ -15,10 +15,11 @@ import sys
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.recipe import Recipe, TargetRecipe
-from copycat_tf.studies.plan import PARTS
+from copycat_tf.studies.plan import PARTS, SELECTION_BUDGETS, SELECTION_STRATEGIES
 
 RECIPE = Recipe()
 flags.DEFINE_string("name", "fashion_mnist", "The study's name (titles).")
@@ -58,6 +59,16 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "pd_budget", 54000, "Target-labelled PD images of the NPD+PD and PD-only rows.", lower_bound=1
 )
+flags.DEFINE_list(
+    "selection_budgets",
+    [str(b) for b in SELECTION_BUDGETS],
+    "Budgets of the query-selection part.",
+)
+flags.DEFINE_list(
+    "selections",
+    list(SELECTION_STRATEGIES),
+    "Strategies of the query-selection part (steal --selection), each against random order.",
+)
 flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots from study.json.")
 # The reference attack (copycat_tf.recipe.Recipe); every row starts from it.
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
@@ -79,8 +90,18 @@ def main(argv):
 
     try:
         budgets = tuple(int(b) for b in FLAGS.budgets)
+        selection_budgets = tuple(int(b) for b in FLAGS.selection_budgets)
     except ValueError as e:
-        raise UserInputError(f"--budgets={FLAGS.budgets}: expected whole numbers") from e
+        raise UserInputError(
+            f"--budgets={FLAGS.budgets} / --selection_budgets={FLAGS.selection_budgets}: "
+            "expected whole numbers"
+        ) from e
+    bad = [s for s in FLAGS.selections if s not in SELECTIONS or s == "random"]
+    if bad:
+        raise UserInputError(
+            f"--selections: unknown {bad}; valid: {', '.join(SELECTIONS[1:])} (random is the "
+            "reference every strategy is compared to)"
+        )
     unknown = [p for p in FLAGS.parts if p not in PARTS]
     if unknown:
         raise UserInputError(f"--parts: unknown {unknown}; valid: {', '.join(PARTS)}")
@@ -100,6 +121,8 @@ def main(argv):
             data_free=FLAGS.data_free,
             pd_budget=FLAGS.pd_budget,
             parts=tuple(FLAGS.parts),
+            selection_budgets=selection_budgets,
+            selections=tuple(FLAGS.selections),
             command=" ".join(["python -m copycat_tf.study", *sys.argv[1:]]),
             render_only=FLAGS.render_only,
         ),

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from copycat_tf.server.tensors import format_float
+from copycat_tf.server.tensors import format_float, format_floats
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +311,19 @@ def test_float_formatting_matches_tf_serving():
         "Infinity",
         "-Infinity",
     ]
+
+
+def test_vectorised_float_formatting_is_format_float_value_by_value():
+    rng = np.random.default_rng(7)
+    magnitudes = 10.0 ** rng.integers(-40, 39, 3000)
+    singles = (rng.standard_normal(3000) * magnitudes).astype(np.float32)
+    singles[:6] = [0.0, -0.0, 1.0, 9e6, 555557.5, np.float32(1 / 3)]
+    scores = rng.dirichlet(np.ones(10), 50).astype(np.float32)  # softmax-like outputs
+    doubles = rng.standard_normal(2000) * 10.0 ** rng.integers(-300, 300, 2000)
+    special = np.array([0.25, np.nan, np.inf, -np.inf, 3e-05], np.float32)
+    for array in (singles, scores, doubles, special, np.zeros((0,), np.float32)):
+        double = array.dtype == np.float64
+        assert format_floats(array) == [format_float(v, double) for v in array.ravel().tolist()]
 
 
 # ----------------------------------------------------------------------------- gRPC

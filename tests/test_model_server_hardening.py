@@ -29,6 +29,9 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from copycat_tf.server.core import check_image_sizes
+from copycat_tf.server.status import ServingError
+
 
 def _reload(target, base_path, metadata=None, name="m"):
     config = model_server_config_pb2.ModelServerConfig()
@@ -283,6 +286,30 @@ def _png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width + 1) * 4)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _gif_header(width: int, height: int) -> bytes:
+    """A one-pixel-of-data GIF that declares width x height pixels."""
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return b"GIF89a" + screen + image + b"\x02\x02\x44\x01\x00\x3b"
+
+
+def test_image_size_check_reads_png_headers_itself_and_other_formats_with_pil():
+    small_png = tf.io.encode_png(images(3)[0]).numpy()
+    small_jpeg = tf.io.encode_jpeg(images(3)[1]).numpy()
+    fine = np.array([small_png, small_jpeg, b"not an image"], dtype=object)
+    check_image_sizes("image_bytes", fine, 28 * 28)  # the decoder answers for the last one
+    for big, what in (
+        (_png_header(20000, 20000), "a 20000x20000 image"),
+        (_gif_header(3000, 2000), "a 3000x2000 image"),
+        (_png_header(29, 28), "a 29x28 image"),
+    ):
+        batch = np.array([small_png, big], dtype=object)
+        with pytest.raises(ServingError) as e:
+            check_image_sizes("image_bytes", batch, 28 * 28)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"element 1 of input 'image_bytes' is {what}" in e.value.message
 
 
 def test_oversized_encoded_images_are_not_decoded(server):

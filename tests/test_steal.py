@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -427,9 +428,10 @@ def test_adaptive_preparation_resumes_with_the_same_choices(tmp_path):
     assert layout(tmp_path / "parts")[1] == layout(tmp_path / "whole")[1]
 
 
-def test_kill_and_resume_with_preparation_and_adaptation(tmp_path):
-    """kill -9 in the middle of a prepared, adaptive folder steal; the resumed dataset is
-    the uninterrupted one."""
+def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path):
+    """kill -9 in the middle of a prepared, adaptive folder steal choosing its queries in
+    rounds (killed while stealing or while a scout trains); the resumed dataset is the
+    uninterrupted one."""
     import signal
     import subprocess
     import sys
@@ -466,6 +468,8 @@ def test_kill_and_resume_with_preparation_and_adaptation(tmp_path):
                 "--records_per_shard=50",
                 "--crops_per_image=3",
                 "--npd_adapt_after=120",
+                "--selection=class_balance",
+                "--selection_round=120",
                 "--noprogress",
             ]
 
@@ -492,4 +496,135 @@ def test_kill_and_resume_with_preparation_and_adaptation(tmp_path):
     assert kills >= 1
     assert layout(tmp_path / "killed") == layout(tmp_path / "clean")
     killed = fd.read_manifest(str(tmp_path / "killed"))
-    assert killed["npd_adaptation"] == fd.read_manifest(str(tmp_path / "clean"))["npd_adaptation"]
+    clean = fd.read_manifest(str(tmp_path / "clean"))
+    assert killed["npd_adaptation"] == clean["npd_adaptation"]
+    assert [r["after"] for r in killed["selection_record"]["rounds"]] == [120, 240, 360]
+
+
+def _label_entropy(labels, num_classes):
+    p = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_class_balance_selection_flattens_labels_and_resumes_its_choice(tmp_path):
+    """A target whose answers follow brightness, NPD pictures mostly dark: after the
+    exploration a scout chooses candidates round by round, each round's choice is saved
+    before it is sent, a resumed steal sends exactly the saved choice, and the labels past
+    the exploration are less skewed than the random order's."""
+    from PIL import Image
+
+    from copycat_tf.attack import selection as sel
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)  # class 0 bright, 1 dark, 2 mid-grey
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        level = 230 if i % 6 == 0 else (120 if i % 6 == 1 else 25)  # dark ones dominate
+        pixels = np.clip(rng.normal(level, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    prep = Preparation.of(
+        Recipe(npd_adapt_after=64, npd_background="black", npd_invert=0.0, npd_jitter=0.0)
+    )
+    settings = dict(npd=f"folder:{folder}", preparation=prep, crops_per_image=4)
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        target = f"grpc://{s.grpc_target}/m"
+        plain = steal(tmp_path / "random", target, 256, **settings)
+        settings["selection_round"] = 64
+        chosen = steal(tmp_path / "chosen", target, 256, selection="class_balance", **settings)
+        saved = sel.load_selection(str(tmp_path / "chosen"))
+        steal(tmp_path / "again", target, 256, selection="class_balance", **settings)
+        # Stopped inside the exploration, then resumed with the choice already on disk (as
+        # after a kill between saving the choice and sending it): it is read, not redone.
+        steal(tmp_path / "resumed", target, 40, selection="class_balance", **settings)
+        assert not os.path.exists(tmp_path / "resumed" / sel.SELECTION_FILE)  # not yet due
+        shutil.copy(tmp_path / "chosen" / sel.SELECTION_FILE, tmp_path / "resumed")
+        steal(tmp_path / "resumed", target, 256, selection="class_balance", **settings)
+        with pytest.raises(UserInputError, match="selection"):  # not the same dataset
+            steal(tmp_path / "chosen", target, 200, **settings)
+    assert layout(tmp_path / "resumed")[1] == layout(tmp_path / "chosen")[1]
+    # The scout is seeded: the same run chooses the same queries.
+    assert layout(tmp_path / "again")[1] == layout(tmp_path / "chosen")[1]
+    assert chosen["queries_spent"] == 256 == plain["queries_spent"]
+    # Rounds of 64 (--selection_round): after 64 explored, 128 and 256 answers.
+    rounds = chosen["selection_record"]["rounds"]
+    assert [(r["after"], r["pool"], r["scout"]["trained_on"]) for r in rounds] == [
+        (64, 640, 64),
+        (128, 640, 128),
+        (192, 640, 192),
+    ]
+    assert all("chosen" not in r and "guesses" not in r for r in rounds)
+    # Scouts judged on what they chose: brightness is easy to learn (a scout scoring the
+    # wrong candidates would agree by chance only).
+    assert min(r["scout_agreement"] for r in rounds[:2]) > 0.8
+    assert "scout_agreement" not in rounds[2]
+    assert [len(r["chosen"]) for r in saved["rounds"]] == [64, 64, 64]
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "chosen" / "tensorboard" / "steal"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"selection/pool", "selection/predicted_labels", "selection/scout_agreement"} <= tags
+    assert [e.step for e in acc.Tensors("selection/round")] == [64, 128, 192]
+    assert saved["rounds"][1]["pool_start"] == saved["rounds"][0]["pool_end"]
+    records = fd.read_records(str(tmp_path / "chosen"))
+    assert [r["query_index"] for r in records] == list(range(256))
+    for r in records[64:]:
+        assert r["source_id"].endswith(f"@{sel.position(saved, r['query_index'])}")
+    past = {
+        name: np.array([r["label"] for r in fd.read_records(str(tmp_path / name))[64:]])
+        for name in ("random", "chosen")
+    }
+    assert np.bincount(past["random"], minlength=3)[1] > 0.6 * len(past["random"])
+    assert _label_entropy(past["chosen"], 3) > _label_entropy(past["random"], 3) + 0.2
+
+
+def test_greedy_class_balanced_choice():
+    from copycat_tf.attack import selection as sel
+
+    rng = np.random.default_rng(0)
+    predicted = np.where(rng.random(1000) < 0.8, 0, rng.integers(1, 4, 1000))  # 80% class 0
+    probs = np.full((1000, 4), 0.02)
+    probs[np.arange(1000), predicted] = 0.94
+    rows = sel.choose_balanced(probs, np.array([500, 10, 10, 10]), 200)
+    assert len(rows) == 200 and np.all(np.diff(rows) > 0)
+    assert np.bincount(predicted[rows], minlength=4)[0] < 20  # the common class is avoided
+    assert np.array_equal(rows, sel.choose_balanced(probs, np.array([500, 10, 10, 10]), 200))
+    assert len(sel.choose_balanced(probs[:50], np.zeros(4), 200)) == 50
+    selection = {
+        "rounds": [
+            {"after": 10, "chosen": [30, 12, 57], "pool_end": 60},
+            {"after": 13, "chosen": [64, 61], "pool_end": 70},
+        ]
+    }
+    assert [sel.position(selection, k) for k in range(10, 18)] == [30, 12, 57, 64, 61, 70, 71, 72]
+    labels = np.repeat([0, 1, 2], [5000, 30, 200])
+    subset = sel.scout_subset(labels, 1000, seed=0)
+    assert np.bincount(labels[subset]).tolist() == [770, 30, 200]  # rare classes whole
+    assert np.array_equal(subset, sel.scout_subset(labels, 1000, seed=0))
+    assert len(sel.scout_subset(labels[:900], 1000, seed=0)) == 900
+    assert sel.round_size(10_000, 2048, 0) == 2048 and sel.round_size(50_000, 2048, 0) == 6250
+    assert sel.round_size(50_000, 2048, 500) == 500
+    probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.99, 0.01]])
+    assert list(sel.choose_uncertain(probs, 2, "entropy")) == [1, 2]
+    assert list(sel.choose_uncertain(probs, 2, "margin")) == [1, 2]
+    points = np.array([[0.0, 0], [0.1, 0], [5, 5], [5.1, 5], [-4, 3]], np.float32)
+    assert list(sel.choose_kcenter(points, np.zeros((1, 2), np.float32), 2)) == [3, 4]
+    assert sel.pool_size(100, 100_000) == 1000 and sel.pool_size(100, 300) == 300
+    assert sel.pool_size(100, 50) == 100
+
+
+@pytest.mark.parametrize(
+    "selection, shards, fragment",
+    [
+        ("kcentre", 1, "--selection=kcentre; expected one of random, class_balance"),
+        ("class_balance", 2, "run it with --num_shards=1"),
+    ],
+)
+def test_selection_bad_input(selection, shards, fragment):
+    from copycat_tf.attack import selection as sel
+
+    with pytest.raises(UserInputError, match=fragment.replace("(", r"\(")):
+        sel.check_selection(selection, shards)

@@ -20,6 +20,7 @@ def test_plan_steals_and_trains_nothing_twice():
             pd_budget=300,
             pd_data="fashion_mnist",
             parts=tuple(PARTS),
+            selection_budgets=(500, 1000),
         )
     )
     # One natural steal of the largest budget serves the whole curve and the comparisons.
@@ -27,10 +28,21 @@ def test_plan_steals_and_trains_nothing_twice():
     assert plan.datasets["pd"].recipe.crops_per_image == 1
     assert plan.runs["npd_500"].max_records == 500
     reference = [row for row in plan.rows if row.run == "npd_1k"]
-    assert {row.group for row in reference} == {"table", "budget", "sources", "balance", "copycat"}
+    assert {row.group for row in reference} == {
+        "table",
+        "budget",
+        "sources",
+        "balance",
+        "copycat",
+        "selection",
+    }
     # Comparisons at the variant budget share the reference recipe's first 500 queries.
     small = {row.group for row in plan.rows if row.run == "npd_500"}
-    assert small == {"budget", "preparation", "generators", "label_modes"}
+    assert small == {"budget", "preparation", "generators", "label_modes", "selection"}
+    # Each selection strategy steals its own dataset per budget (rounds follow the budget).
+    chosen = plan.datasets["sel_kcenter_1k"].recipe
+    assert (chosen.selection, chosen.query_budget) == ("kcenter", 1000)
+    assert {f"sel_{s}_500" for s in ("class_balance", "entropy", "kcenter")} <= set(plan.runs)
     assert plan.datasets["prep_white"].recipe.npd_background == "white"
     assert plan.datasets["gen_leaves"].recipe.npd == "synthetic:leaves"
     assert plan.runs["labels_scores"].recipe.label_mode == "scores"
@@ -146,3 +158,17 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
     proc = run_verb("study", *flags, "--render_only", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "RESULTS.md").read_bytes() == first["RESULTS.md"]
+
+
+def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
+    from copycat_tf.studies.plan import RunSpec
+    from copycat_tf.studies.runner import _key, same_key
+
+    spec = RunSpec("npd_1k", "natural", Recipe(query_budget=1000), max_records=1000)
+    recorded = _key(spec)
+    del recorded["recipe"]["selection"]  # recorded before the knob existed
+    assert same_key(recorded, spec)
+    chosen = RunSpec("npd_1k", "natural", Recipe(query_budget=1000, selection="entropy"), 1000)
+    assert not same_key(recorded, chosen)
+    recorded["recipe"]["epochs"] = 3  # a real difference still counts
+    assert not same_key(recorded, spec)

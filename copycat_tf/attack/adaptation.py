@@ -19,38 +19,65 @@ from copycat_tf.data.preparation import adapted_weights
 
 
 class Exploration:
-    """The exploration's answers as they arrive (thread-safe), and the weights they give.
+    """The answers up to a bound as they arrive (thread-safe), and the weights they give.
+
+    The bound is the exploration's end; a query selection moves it on, round by round
+    (`extend`), and waits each time until every position before it is settled.
 
     Args:
-      stream: the worker's NPD stream (its preparation's adapt_after is the bound).
+      stream: the worker's NPD stream.
       watermark: positions below it are committed (settled whatever they were).
       committed: (query index, label) of committed records.
       num_classes: the label space.
+      bound: the exploration's end (the preparation's adapt_after when it adapts).
+      keep_all: keep the labels of every position, not only those before `bound` (a query
+        selection trains its scout on all of them).
     """
 
-    def __init__(self, stream: NpdStream, watermark: int, committed, num_classes: int):
+    def __init__(
+        self,
+        stream: NpdStream,
+        watermark: int,
+        committed,
+        num_classes: int,
+        bound: int,
+        keep_all: bool = False,
+    ):
         self.stream = stream
-        self.bound = stream.preparation.adapt_after
+        self.explored = self.bound = bound
         self.num_classes = num_classes
-        # This worker's positions from the watermark to the bound: not settled yet.
-        start = watermark + (stream.shard_index - watermark) % stream.num_shards
-        self._pending = set(range(start, self.bound, stream.num_shards))
-        self._labels = {int(k): int(y) for k, y in zip(*committed, strict=True) if k < self.bound}
+        self.keep_all = keep_all
+        self._watermark = watermark
+        self._settled: set[int] = set()
+        self._labels = {
+            int(k): int(y) for k, y in zip(*committed, strict=True) if keep_all or k < bound
+        }
+        self._pending: set[int] = set()
         self._cond = threading.Condition()
+        self.extend(bound)
+
+    def extend(self, bound: int) -> None:
+        """Moves the bound on: `wait` then waits for every position before it."""
+        stride, shard = self.stream.num_shards, self.stream.shard_index
+        start = self._watermark + (shard - self._watermark) % stride
+        with self._cond:
+            self.bound = bound
+            self._pending = {k for k in range(start, bound, stride) if k not in self._settled}
 
     def settle(self, index: int, label: int | None) -> None:
         """Records a settled position (label None for an unreadable NPD item)."""
-        if index >= self.bound:
+        if index >= self.bound and not self.keep_all:
             return
         with self._cond:
             if label is not None:
                 self._labels[index] = label
+            self._settled.add(index)
             self._pending.discard(index)
             if not self._pending:
                 self._cond.notify_all()
 
     def wait(self, stop: threading.Event) -> bool:
-        """Blocks until every exploration position is settled; False when stopped first."""
+        """Blocks until every position before the bound is settled; False when stopped."""
         with self._cond:
             while self._pending:
                 if stop.is_set():
@@ -58,10 +85,15 @@ class Exploration:
                 self._cond.wait(timeout=0.2)
         return True
 
+    def labels(self) -> dict[int, int]:
+        """{position: stolen label} of every answer before the bound."""
+        with self._cond:
+            return {k: y for k, y in self._labels.items() if k < self.bound}
+
     def adapt(self) -> dict:
         """Sets the stream's arm weights from the exploration; returns the record of it."""
         with self._cond:
-            labels = dict(self._labels)
+            labels = {k: y for k, y in self._labels.items() if k < self.explored}
         answers = []
         for k, label in sorted(labels.items()):
             arm = self.stream.arm(k)
@@ -71,7 +103,7 @@ class Exploration:
         weights, bits = adapted_weights(len(prep.arms), answers, self.num_classes)
         self.stream.arm_weights = weights
         return {
-            "after": self.bound,
+            "after": self.explored,
             "answers": len(answers),
             "arms": [
                 {

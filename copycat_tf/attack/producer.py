@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from copycat_tf.attack import selection as sel
 from copycat_tf.attack.adaptation import Exploration
 from copycat_tf.data.images import png_bytes
 from copycat_tf.data.npd import NpdStream
@@ -55,8 +57,12 @@ class Producer:
       batch_size: queries per batch.
       capacity: batches produced ahead.
       workers: threads computing NPD items (1 when the stream is not thread-safe).
-      exploration: for an adaptive preparation, the exploration whose answers set the
-        arm weights before the first position past it is produced.
+      exploration: for an adaptive preparation or a query selection, the exploration
+        whose answers set the arm weights and choose the queries before the first
+        position past it is produced.
+      select: for a query selection, (round, its first query index, labels so far, items
+        of query indices, items of raw stream positions, queries still needed) -> the
+        selection (attack.selection.select).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Producer:
         capacity: int,
         workers: int = 2,
         exploration: Exploration | None = None,
+        select: Callable[..., dict] | None = None,
     ):
         self.stream = stream
         self.start_index = start
@@ -80,6 +87,11 @@ class Producer:
         self.produced = 0  # queries produced so far
         self.exploration = exploration
         self.adaptation: dict | None = None  # set once the arm weights are adapted
+        self.select = select
+        self.selection: dict | None = None  # set once the queries are chosen
+        self._round = 0  # the next round of a query selection
+        self.rounds_begun = 0  # rounds whose queries are being produced
+        self._explored = False
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="npd", daemon=True)
@@ -159,21 +171,55 @@ class Producer:
                 yield k, items.get(k)
 
     def _needs_weights(self, k: int) -> bool:
-        return (
-            self.exploration is not None
-            and self.stream.arm_weights is None
-            and k >= self.exploration.bound
-        )
+        return self.exploration is not None and not self._explored and k >= self.exploration.bound
 
-    def _compute(self, pool, indices: list[int]) -> list:
-        """stream.item of each index, contiguous blocks per thread (consecutive crops of a
-        picture share its decoding)."""
+    def _explore_done(self, pool) -> None:
+        """At the exploration's end: adapts the preparation. Then, for a query selection,
+        at the start of each round: chooses the round's queries and moves the bound on
+        to the round's end."""
+        if self.stream.adapts and self.adaptation is None:
+            self.adaptation = self.exploration.adapt()
+        if self.select is None or self._need == 0:
+            self._explored = True
+            return
+        after = self.exploration.bound
+        selection = self.select(
+            self._round,
+            after,
+            self.exploration.labels(),
+            functools.partial(self._compute, pool),
+            functools.partial(self._compute, pool, raw=True),
+            self._need,
+        )
+        current = selection["rounds"][self._round]
+        self._round += 1
+        self.rounds_begun = self._round
+        self.stream.remap_from = selection["rounds"][0]["after"]
+        self.stream.remap = functools.partial(sel.position, selection)
+        self.selection = {
+            "strategy": selection["strategy"],
+            "rounds": [
+                {k: v for k, v in r.items() if k not in ("chosen", "guesses")}
+                for r in selection["rounds"]
+            ],
+        }
+        if current["chosen"]:
+            # The next round starts at this one's end, if the budget gets there.
+            self.exploration.extend(current["after"] + len(current["chosen"]))
+        else:
+            self._explored = True  # the stream ended: nothing more to choose from
+
+    def _compute(self, pool, indices: list[int], raw: bool = False) -> list:
+        """stream.item of each index (stream.item_at_position of each position when
+        `raw`), contiguous blocks per thread (consecutive crops of a picture share its
+        decoding)."""
+        item = self.stream.item_at_position if raw else self.stream.item
         if self.workers == 1 or len(indices) < 2:
-            return [self.stream.item(k) for k in indices]
+            return [item(k) for k in indices]
         size = -(-len(indices) // self.workers)
         blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
-        done = pool.map(lambda block: [self.stream.item(k) for k in block], blocks)
-        return [item for block in done for item in block]
+        done = pool.map(lambda block: [item(k) for k in block], blocks)
+        return [x for block in done for x in block]
 
     def _produce(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="npd") as pool:
@@ -194,7 +240,7 @@ class Producer:
                 batch = NpdBatch()
                 if not self.exploration.wait(self._stop):
                     return
-                self.adaptation = self.exploration.adapt()
+                self._explore_done(pool)
                 continue
             if remaining == 0 and k > last_answered:
                 break

@@ -113,6 +113,32 @@ class StealMonitor:
         self._next_summary = spent + self.summary_every
         self._writer = None
         self._samples_written = False
+        self.round_text = ""  # the query selection's current round, on the progress line
+
+    def selection_round(self, index: int, strategy: str, record: dict, previous: dict | None):
+        """A query selection's round began: the line names it; TensorBoard gets its pool,
+        times, predicted labels, and the previous round scout's agreement with the target."""
+        import tensorflow as tf
+
+        self.round_text = f" | round {index} ({strategy})"
+        step = record["after"]
+        with self._summary_writer().as_default():
+            tf.summary.scalar("selection/round", index, step=step)
+            tf.summary.scalar("selection/pool", record["pool"], step=step)
+            tf.summary.scalar("selection/seconds", record["seconds"], step=step)
+            tf.summary.scalar("selection/scout_seconds", record["scout"]["seconds"], step=step)
+            predicted = np.asarray(record["predicted_histogram"])
+            tf.summary.histogram(
+                "selection/predicted_labels",
+                np.repeat(np.arange(len(predicted)), predicted),
+                step=step,
+                buckets=max(len(predicted), 1),
+            )
+            if previous is not None and "scout_agreement" in previous:
+                tf.summary.scalar(
+                    "selection/scout_agreement", previous["scout_agreement"], step=step
+                )
+        self._writer.flush()
 
     def answered(self, n: int, retries: int, images=None, labels=None) -> None:
         """Called after each answered batch (images/labels: a sample for TensorBoard)."""
@@ -138,7 +164,7 @@ class StealMonitor:
             f"steal {spent}/{self.budget} queries ({100 * spent / self.budget:.0f}%) "
             f"{rate:.0f} img/s ETA {eta_text} retries {retries} | top class {s['top_class']} "
             f"{100 * s['top_share']:.0f}%, label entropy {s['entropy_bits']:.2f}/"
-            f"{s['max_entropy_bits']:.2f} bits"
+            f"{s['max_entropy_bits']:.2f} bits{self.round_text}"
         )
         sys.stderr.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         sys.stderr.flush()

@@ -11,10 +11,12 @@ an uninterrupted run. The query budget (images answered) is never exceeded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 from absl import logging
 
+from copycat_tf.attack import selection as sel
 from copycat_tf.attack.adaptation import Exploration, committed_labels
 from copycat_tf.attack.dispatch import Dispatcher
 from copycat_tf.attack.label_modes import LabelMode, parse_label_mode
@@ -61,6 +63,10 @@ class StealConfig:
       target_options: client options (api_key, request_template, ...).
       progress: draw a progress line on stderr.
       skew_check_after: answers after which skewed stolen labels are warned about.
+      selection: which NPD items to send (attack.selection.SELECTIONS).
+      selection_pool: candidates a query selection scores at most.
+      selection_round: queries a selection round chooses (0: an eighth of the budget, at
+        least the exploration).
     """
 
     target: str
@@ -83,6 +89,9 @@ class StealConfig:
     target_options: dict = dataclasses.field(default_factory=dict)
     progress: bool = True
     skew_check_after: int = 2000
+    selection: str = Recipe.selection
+    selection_pool: int = Recipe.selection_pool
+    selection_round: int = Recipe.selection_round
 
 
 def _describe(cfg: StealConfig, mode: LabelMode):
@@ -130,6 +139,7 @@ def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prepar
         },
         "label_mode": cfg.label_mode,
         "records_per_shard": cfg.records_per_shard,
+        "selection": cfg.selection,  # "random" for manifests written before it existed
     }
 
 
@@ -184,6 +194,7 @@ class _StealRun:
         if cfg.query_budget < 1:
             raise UserInputError(f"--query_budget={cfg.query_budget}; expected at least 1")
         prep = cfg.preparation or Preparation.of(Recipe())
+        sel.check_selection(cfg.selection, cfg.num_shards)
         self.client, self.info, num_classes = _describe(cfg, self.mode)
         stream = NpdStream(
             cfg.npd,
@@ -217,7 +228,12 @@ class _StealRun:
         self.labels = LabelStats(num_classes, writer.answered_labels())
         self.labels.add_counts(writer.manifest["label_histogram"])
         self.spent_before = writer.spent
-        self.exploration = _exploration(stream, writer, num_classes)
+        self.exploration = _exploration(stream, writer, num_classes, cfg.selection)
+        select = None
+        if cfg.selection != "random":
+            select = functools.partial(
+                _select, cfg, self.exploration.bound, num_classes=num_classes
+            )
         self.producer = Producer(
             stream,
             writer.next_index,
@@ -226,6 +242,7 @@ class _StealRun:
             cfg.query_batch_size,
             capacity=cfg.max_in_flight + 2,
             exploration=self.exploration,
+            select=select,
         )
         self.monitor = StealMonitor(
             cfg.output_dir,
@@ -239,6 +256,16 @@ class _StealRun:
             self.labels, min(cfg.skew_check_after, max(1, cfg.query_budget // 2))
         )
         self.exhausted = False
+        self._rounds_shown = 0
+
+    def _record_rounds(self) -> None:
+        """Selection rounds begun since the last call, to the progress line and TensorBoard."""
+        selection = self.producer.selection
+        rounds = selection["rounds"][: self.producer.rounds_begun] if selection else []
+        for i in range(self._rounds_shown, len(rounds)):
+            previous = rounds[i - 1] if i else None
+            self.monitor.selection_round(i, selection["strategy"], rounds[i], previous)
+        self._rounds_shown = max(self._rounds_shown, len(rounds))
 
     def _settle(self, index: int, label: int | None) -> None:
         if self.exploration is not None:
@@ -252,6 +279,7 @@ class _StealRun:
             _report_exhausted(self.cfg, reachable)
             self.writer.write_manifest(npd_exhausted_at=reachable)
         _record_adaptation(self.producer, self.writer)
+        self._record_rounds()
         self.writer.expect(batch.order)
         self.writer.add_skips(batch.skips)
         for k, _, _ in batch.skips:
@@ -279,8 +307,9 @@ class _StealRun:
         """Final commits and manifest; raises what stopped the run, if anything did."""
         cfg, writer = self.cfg, self.writer
         self.dispatcher.shutdown()
-        self.monitor.close(_retries(writer, self.dispatcher))
         _record_adaptation(self.producer, writer)
+        self._record_rounds()
+        self.monitor.close(_retries(writer, self.dispatcher))
         complete = error is None and self.producer.done
         writer.advance(final=complete)
         status = "in_progress"
@@ -303,20 +332,81 @@ class _StealRun:
         return writer.manifest
 
 
-def _exploration(stream: NpdStream, writer: FakeDatasetWriter, num_classes: int):
-    """The exploration of an adaptive preparation (None when the stream does not adapt),
-    with what is already committed or journaled."""
-    if not stream.adapts:
+def _exploration(stream: NpdStream, writer: FakeDatasetWriter, num_classes: int, selection: str):
+    """The exploration of an adaptive preparation or a query selection (None when there
+    is neither), with what is already committed or journaled."""
+    if not stream.adapts and selection == "random":
         return None
-    bound = stream.preparation.adapt_after
-    committed = committed_labels(writer.directory, writer.manifest, bound)
-    exploration = Exploration(stream, writer.next_index, committed, num_classes)
+    bound = stream.preparation.adapt_after or Recipe.npd_adapt_after
+    selects = selection != "random"  # its scout learns from every label, not only these
+    committed = committed_labels(
+        writer.directory, writer.manifest, writer.next_index if selects else bound
+    )
+    exploration = Exploration(
+        stream, writer.next_index, committed, num_classes, bound, keep_all=selects
+    )
     for k, (_, _, label) in writer.settled.items():
         exploration.settle(k, label)
     return exploration
 
 
+def _select(
+    cfg: StealConfig,
+    explored: int,
+    round_index: int,
+    after: int,
+    labeled,
+    items,
+    candidate_items,
+    need: int,
+    num_classes: int,
+) -> dict:
+    """One round of a query selection (attack.selection.select) with the run's settings."""
+    size = sel.round_size(cfg.query_budget, explored, cfg.selection_round)
+    logging.info(
+        "steal: round %d of --selection=%s: choosing up to %d queries from %d answers",
+        round_index,
+        cfg.selection,
+        min(size, need),
+        len(labeled),
+    )
+    selection = sel.select(
+        cfg.output_dir,
+        cfg.selection,
+        round_index,
+        after,
+        min(size, need),
+        cfg.selection_pool,
+        labeled,
+        items,
+        candidate_items,
+        num_classes,
+        cfg.seed,
+    )
+    if round_index and "scout_agreement" in selection["rounds"][round_index - 1]:
+        logging.info(
+            "steal: round %d's scout agreed with the target on %.1f%% of its choices",
+            round_index - 1,
+            100 * selection["rounds"][round_index - 1]["scout_agreement"],
+        )
+    r = selection["rounds"][round_index]
+    logging.info(
+        "steal: round %d: %d queries chosen from %d candidates in %.0f s (scout %.0f s); "
+        "labels so far %s, predicted for the round %s",
+        round_index,
+        len(r["chosen"]),
+        r["pool"],
+        r["seconds"],
+        r["scout"]["seconds"],
+        r["labels_before"],
+        r["predicted_histogram"],
+    )
+    return selection
+
+
 def _record_adaptation(producer: Producer, writer: FakeDatasetWriter) -> None:
+    if producer.selection:
+        writer.manifest["selection_record"] = producer.selection
     if producer.adaptation and "npd_adaptation" not in writer.manifest:
         writer.manifest["npd_adaptation"] = producer.adaptation
         arms = ", ".join(

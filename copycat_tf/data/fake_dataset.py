@@ -153,6 +153,7 @@ def _upgrade(manifest: dict) -> dict:
         manifest["steal_seconds"] = manifest.pop("harvest_seconds", 0.0)
         manifest["npd"]["preparation"] = {"legacy": True}
         manifest["schema_version"] = 2
+    manifest.setdefault("selection", "random")  # made before query selection existed
     return manifest
 
 

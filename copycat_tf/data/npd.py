@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -282,6 +282,15 @@ class NpdStream:
         # Arm weights of positions >= preparation.adapt_after (set once the exploration's
         # answers are known; see attack.producer).
         self.arm_weights: np.ndarray | None = None
+        # Query selection: index k >= remap_from sends the item at position remap(k)
+        # (set once the choice is made; see attack.selection).
+        self.remap: Callable[[int], int] | None = None
+        self.remap_from = 0
+
+    def _position(self, k: int) -> int:
+        if self.remap is not None and k >= self.remap_from:
+            return self.remap(k)
+        return k
 
     @property
     def adapts(self) -> bool:
@@ -347,6 +356,7 @@ class NpdStream:
     def arm(self, k: int) -> int | None:
         """The preparation arm (index into preparation.arms) of item k; None for items that
         are not prepared pictures (synthetic, pd:, legacy)."""
+        k = self._position(k)
         part, _ = self._locate(k)
         if self.preparation.legacy or not isinstance(self.parts[part][1], (_Folder, _Tfds)):
             return None
@@ -355,6 +365,23 @@ class NpdStream:
 
     def item(self, k: int) -> NpdItem | None:
         """The item at global index k, or None past the end of the stream."""
+        at = self._position(k)
+        result = self._item_at(at)
+        if result is not None:
+            result.index = k
+            if self.remap is not None and k >= self.remap_from:
+                result.source_id += f"@{at}"  # the stream position chosen for query k
+        return result
+
+    def item_at_position(self, k: int) -> NpdItem | None:
+        """The item at stream position k, whatever query index a selection maps to it
+        (a selection's candidates)."""
+        result = self._item_at(k)
+        if result is not None:
+            result.index = k
+        return result
+
+    def _item_at(self, k: int) -> NpdItem | None:
         part, local = self._locate(k)
         source = self.parts[part][1]
         rng = np.random.default_rng([self.seed, k])

@@ -153,31 +153,48 @@ class Gatekeeper:
             )
 
 
-def check_image_sizes(alias: str, encoded: np.ndarray, max_pixels: int) -> None:
-    """Refuses encoded images that would decode to more than max_pixels, reading only
-    their headers (a 389 KB PNG can declare 20000x20000 pixels).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-    Raises:
-      ServingError: INVALID_ARGUMENT naming the element.
-    """
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, None when `data` does not start like one."""
+    if len(data) >= 24 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an encoded image declares; (0, 0) when PIL cannot read it (the
+    model's decoder then answers for it); None when it is larger than PIL accepts."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with warnings.catch_warnings():  # the size is checked by the caller, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        return None
+    except (UnidentifiedImageError, OSError, ValueError):
+        return 0, 0
+
+
+def check_image_sizes(alias: str, encoded: np.ndarray, max_pixels: int) -> None:
+    """Refuses encoded images that would decode to more than max_pixels, reading only
+    their headers (a 389 KB PNG can declare 20000x20000 pixels). PNG headers are read
+    here directly (the common case, a few bytes each); other formats by PIL.
+
+    Raises:
+      ServingError: INVALID_ARGUMENT naming the element.
+    """
     for i, data in enumerate(encoded.ravel()):
-        try:
-            with warnings.catch_warnings():  # the size is checked below, not warned about
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-        except Image.DecompressionBombError:
-            width = height = None  # larger than PIL itself accepts
-        except (UnidentifiedImageError, OSError, ValueError):
-            continue  # not an image PIL knows: the model's decoder answers for it
-        if width is None or width * height > max_pixels:
-            size = "an image" if width is None else f"a {width}x{height} image"
+        size = _png_size(data) or _image_size(data)
+        if size is None or size[0] * size[1] > max_pixels:
+            what = "an image" if size is None else f"a {size[0]}x{size[1]} image"
             raise invalid(
-                f"element {i} of input '{alias}' is {size}; this server decodes at most "
+                f"element {i} of input '{alias}' is {what}; this server decodes at most "
                 f"{max_pixels} pixels per image (--max_image_pixels)"
             )
 

@@ -393,26 +393,58 @@ def format_float(value: float, double: bool = False) -> str:
     return text
 
 
-def _json_values(array: np.ndarray, alias: str) -> str:
-    """JSON text of a tensor (nested lists) with TF Serving's scalar formatting."""
+def format_floats(array: np.ndarray) -> list[str]:
+    """format_float of every value of a float array, in order (the common case vectorised:
+    %g for all, parsed back by numpy; only values %g does not round-trip are redone)."""
+    flat = array.ravel()
+    double = flat.dtype == np.float64
+    if not np.isfinite(flat).all():
+        return [format_float(v, double) for v in flat.tolist()]
+    values = flat.astype(np.float64).tolist()
+    texts = list(map("{:g}".format, values))
+    back = np.array(texts, dtype=np.float64)
+    if double:
+        wrong = np.flatnonzero(back != flat)
+        precise = "{:.17g}"
+    else:
+        wrong = np.flatnonzero(back.astype(np.float32) != flat.astype(np.float32))
+        precise = "{:.9g}"
+    for i in wrong.tolist():
+        texts[i] = precise.format(values[i])
+    return [t if ("." in t or "e" in t) else t + ".0" for t in texts]
+
+
+def _json_items(array: np.ndarray, alias: str) -> list[str]:
+    """The JSON text of each value of a tensor, flattened, with TF Serving's formatting."""
     kind = array.dtype.kind
     if kind == "f":
-        double = array.dtype == np.float64
-        items = [format_float(float(v), double) for v in array.ravel().tolist()]
-    elif kind in "iu":
-        items = [str(v) for v in array.ravel().tolist()]
-    elif kind == "b":
-        items = ["true" if v else "false" for v in array.ravel().tolist()]
-    else:
-        as_b64 = alias.endswith("_bytes")
-        items = []
-        for v in array.ravel().tolist():
-            raw = v if isinstance(v, bytes) else str(v).encode()
-            if as_b64:
-                items.append('{"b64": "' + base64.b64encode(raw).decode() + '"}')
-            else:
-                items.append(json.dumps(raw.decode("utf-8", errors="replace")))
-    return _nest(items, list(array.shape))
+        return format_floats(array)
+    if kind in "iu":
+        return [str(v) for v in array.ravel().tolist()]
+    if kind == "b":
+        return ["true" if v else "false" for v in array.ravel().tolist()]
+    as_b64 = alias.endswith("_bytes")
+    items = []
+    for v in array.ravel().tolist():
+        raw = v if isinstance(v, bytes) else str(v).encode()
+        if as_b64:
+            items.append('{"b64": "' + base64.b64encode(raw).decode() + '"}')
+        else:
+            items.append(json.dumps(raw.decode("utf-8", errors="replace")))
+    return items
+
+
+def _json_values(array: np.ndarray, alias: str) -> str:
+    """JSON text of a tensor (nested lists) with TF Serving's scalar formatting."""
+    return _nest(_json_items(array, alias), list(array.shape))
+
+
+def _json_rows(array: np.ndarray, alias: str) -> list[str]:
+    """JSON text of each row (first dimension) of a tensor, formatted in one pass."""
+    items = _json_items(array, alias)
+    shape = list(array.shape[1:])
+    step = math.prod(shape)
+    return [_nest(items[i * step : (i + 1) * step], shape) for i in range(array.shape[0])]
 
 
 def _nest(items: list[str], shape: list[int]) -> str:
@@ -449,12 +481,11 @@ def predict_response_json(outputs: dict[str, np.ndarray], row_format: bool) -> s
             )
     if len(outputs) == 1:
         ((alias, value),) = outputs.items()
-        rows = [_json_values(np.asarray(value[i]), alias) for i in range(value.shape[0])]
+        rows = _json_rows(value, alias)
     else:
+        columns = {k: _json_rows(v, k) for k, v in outputs.items()}
         rows = [
-            "{"
-            + ", ".join(f'"{k}": {_json_values(np.asarray(v[i]), k)}' for k, v in outputs.items())
-            + "}"
+            "{" + ", ".join(f'"{k}": {column[i]}' for k, column in columns.items()) + "}"
             for i in range(batch or 0)
         ]
     return '{\n    "predictions": [' + ", ".join(rows) + "\n    ]\n}"

@@ -29,7 +29,13 @@ PARTS = {
     "label_modes": "Label modes",
     "balance": "Class balancing",
     "copycat": "Copycat recipes: accuracy against training time",
+    "selection": "Query selection: rounds chosen by a scout copycat, against random order",
 }
+
+
+# The selection part's defaults: strategies (each against random order) and budgets.
+SELECTION_STRATEGIES = ("class_balance", "entropy", "kcenter")
+SELECTION_BUDGETS = (5000, 10000)
 
 
 def copycat_variants(base: Recipe) -> tuple:
@@ -146,6 +152,8 @@ def _steal_fields(recipe: Recipe) -> tuple:
         recipe.label_mode,
         recipe.seed,
         recipe.query_batch_size,
+        recipe.selection,
+        recipe.selection_round,
     )
 
 
@@ -162,6 +170,9 @@ class PlanSettings:
       pd_budget: target-labelled PD images of the NPD+PD and PD-only rows.
       pd_data: the problem domain.
       parts: which parts to plan (keys of PARTS).
+      selection_budgets: query budgets of the selection part (each strategy against the
+        random order at the same budget).
+      selections: the strategies of the selection part.
     """
 
     recipe: Recipe
@@ -171,6 +182,8 @@ class PlanSettings:
     pd_budget: int
     pd_data: str
     parts: tuple[str, ...]
+    selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
+    selections: tuple[str, ...] = SELECTION_STRATEGIES
 
 
 def _k(n: int) -> str:
@@ -250,4 +263,11 @@ def build_plan(s: PlanSettings) -> Plan:
                 recipe = dataclasses.replace(base, balance=mode)
                 run = RunSpec(f"balance_{mode}", natural, recipe, max_records=budget)
                 plan.row("balance", f"balance={mode}", plan.run(run))
+    if "selection" in s.parts:
+        for n in sorted(s.selection_budgets):
+            plan.row("selection", f"random order, {n:,} queries", npd_run(n))
+            for name in s.selections:
+                recipe = dataclasses.replace(base, query_budget=n, selection=name)
+                label = f"`--selection={name}`, {n:,} queries"
+                variant("selection", "sel", f"{name}_{_k(n)}", label, recipe)
     return plan

@@ -21,7 +21,15 @@ from absl import logging
 from copycat_tf import pipeline
 from copycat_tf.recipe import Recipe, TargetRecipe
 from copycat_tf.studies import results
-from copycat_tf.studies.plan import PARTS, Plan, PlanSettings, RunSpec, build_plan
+from copycat_tf.studies.plan import (
+    PARTS,
+    SELECTION_BUDGETS,
+    SELECTION_STRATEGIES,
+    Plan,
+    PlanSettings,
+    RunSpec,
+    build_plan,
+)
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
 STUDY_JSON = "study.json"
@@ -46,6 +54,7 @@ class StudyConfig:
       data_free: the generator of the sources part's data-free row.
       pd_budget: target-labelled PD images of the NPD+PD and PD-only rows.
       parts: which parts to run (studies.plan.PARTS).
+      selection_budgets, selections: the selection part's budgets and strategies.
       command: the exact command line, recorded in RESULTS.md.
       render_only: only regenerate RESULTS.md and the plots from study.json.
     """
@@ -64,6 +73,8 @@ class StudyConfig:
     data_free: str = "shapes"
     pd_budget: int = 54_000
     parts: tuple[str, ...] = tuple(PARTS)
+    selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
+    selections: tuple[str, ...] = SELECTION_STRATEGIES
     command: str = ""
     render_only: bool = False
 
@@ -96,6 +107,21 @@ def _today() -> str:
 def _key(obj) -> dict:
     """A JSON-comparable description of a dataset or run spec (what makes it the same)."""
     return json.loads(json.dumps(dataclasses.asdict(obj), sort_keys=True))
+
+
+def same_key(recorded: dict, spec) -> bool:
+    """Whether a recorded key describes `spec`. Recipe fields added since the recording
+    count as the same when they hold their defaults (what the run did before they existed),
+    so a new knob does not make every finished run look unfinished."""
+    current = _key(spec)
+    if recorded == current:
+        return True
+    defaults = _key(Recipe())
+    old = recorded.get("recipe", {})
+    current["recipe"] = {
+        k: v for k, v in current["recipe"].items() if k in old or v != defaults.get(k, object())
+    }
+    return recorded == current
 
 
 def load_study(results_dir: str) -> dict:
@@ -142,7 +168,7 @@ class _Study:
 
     def done(self, run: str) -> bool:
         recorded = self.study["runs"].get(run)
-        return bool(recorded) and recorded["key"] == _key(self.plan.runs[run])
+        return bool(recorded) and same_key(recorded["key"], self.plan.runs[run])
 
     def dataset(self, name: str, url: str) -> None:
         """Steals (or resumes) a dataset unless study.json holds it and it is on disk."""
@@ -150,7 +176,7 @@ class _Study:
         recorded = self.study["datasets"].get(name)
         out = os.path.join(self.cfg.workdir, f"fake_{name}")
         on_disk = os.path.exists(os.path.join(out, "manifest.json"))
-        if recorded and recorded["key"] == _key(spec) and on_disk:
+        if recorded and same_key(recorded["key"], spec) and on_disk:
             return
         logging.info("study: stealing dataset %s (%s)", name, spec.recipe.resolved_npd())
         m = pipeline.steal(spec.recipe, url, out, data_dir=self.cfg.data_dir)
@@ -273,6 +299,8 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
             pd_budget=cfg.pd_budget,
             pd_data=cfg.pd_data,
             parts=tuple(cfg.parts),
+            selection_budgets=tuple(cfg.selection_budgets),
+            selections=tuple(cfg.selections),
         )
     )
     os.makedirs(cfg.results_dir, exist_ok=True)
