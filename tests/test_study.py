@@ -172,3 +172,23 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     assert not same_key(recorded, chosen)
     recorded["recipe"]["epochs"] = 3  # a real difference still counts
     assert not same_key(recorded, spec)
+
+
+def test_datasets_table_is_in_name_order_however_the_study_was_filled():
+    def dataset(spent):
+        return {
+            "npd": "synthetic:noise",
+            "crops_per_image": 1,
+            "queries_spent": spent,
+            "query_budget": spent,
+            "status": "complete",
+            "label_statistics": {"top_share": 0.5, "entropy_bits": 1.0, "max_entropy_bits": 1.0},
+            "label_histogram": [spent // 2, spent // 2],
+            "steal_seconds": 1.0,
+        }
+
+    measured_order = {"src_b": dataset(20), "sel_a": dataset(10)}  # as a run appends them
+    reloaded_order = dict(sorted(measured_order.items()))  # as study.json gives them back
+    table = results._datasets_table({"datasets": measured_order})
+    assert table == results._datasets_table({"datasets": reloaded_order})
+    assert table.index("sel_a") < table.index("src_b")

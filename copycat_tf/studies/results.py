@@ -176,7 +176,7 @@ def _recipe_table(study: dict) -> str:
 
 def _datasets_table(study: dict) -> str:
     rows = []
-    for name, d in study.get("datasets", {}).items():
+    for name, d in sorted(study.get("datasets", {}).items()):  # as study.json stores them
         stats = d["label_statistics"]
         rows.append(
             [
