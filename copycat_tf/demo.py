@@ -15,6 +15,7 @@ import sys
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.recipe import Recipe, TargetRecipe
 
 flags.DEFINE_boolean("quick", False, "A small, fast run (Recipe.quick(): fewer queries, epochs).")
@@ -33,6 +34,13 @@ flags.DEFINE_string(
 flags.DEFINE_integer("query_budget", None, "NPD queries (default: the recipe's).", lower_bound=1)
 flags.DEFINE_integer(
     "epochs", None, "Target and copycat epochs (default: the recipes').", lower_bound=1
+)
+flags.DEFINE_enum(
+    "selection",
+    Recipe.selection,
+    list(SELECTIONS),
+    "Which NPD items steal sends (see steal --helpfull): random order, or rounds chosen by a "
+    "scout copycat (class_balance, entropy, margin, kcenter).",
 )
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")
 flags.DEFINE_string("data_dir", None, "Its data directory (Fashion-MNIST IDX files).")
