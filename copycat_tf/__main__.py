@@ -1,5 +1,6 @@
 """`python -m copycat_tf`: the verbs, one line each; `--version` prints the version."""
 
+import os
 import sys
 
 from copycat_tf import __version__
@@ -17,13 +18,23 @@ VERBS = (
 
 def main(argv: list[str]) -> int:
     if "--version" in argv:
-        print(f"copycat_tf {__version__}")
-        return 0
-    print(f"copycat_tf {__version__}: copy a black-box image classifier and measure the copy.\n")
-    print("usage: python -m copycat_tf.<verb> [flags] (or copycat-<verb>); --help on any verb\n")
+        return _write(f"copycat_tf {__version__}\n")
     width = max(len(name) for name, _ in VERBS)
-    for name, what in VERBS:
-        print(f"  {name:<{width}}  {what}")
+    return _write(
+        f"copycat_tf {__version__}: copy a black-box image classifier and measure the copy.\n\n"
+        "usage: python -m copycat_tf.<verb> [flags] (or copycat-<verb>); --help on any verb\n\n"
+        + "".join(f"  {name:<{width}}  {what}\n" for name, what in VERBS)
+    )
+
+
+def _write(text: str) -> int:
+    """Writes to stdout; a reader that stops early (`| head`, `| grep -q`) is no error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush again at exit: point stdout at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -78,10 +78,9 @@ def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> No
     """app.run(main): TensorFlow imported quietly first, user errors printed as one line
     (exit status 2) instead of a traceback; --version prints the version."""
     if "--version" in sys.argv[1:]:
-        from copycat_tf import __version__
+        from copycat_tf.__main__ import main as package_main  # one version line for all
 
-        print(f"copycat_tf {__version__}")
-        sys.exit(0)
+        sys.exit(package_main(["--version"]))
     for name in required:
         flags.mark_flag_as_required(name)
     if main.__module__ != "__main__":

@@ -22,9 +22,13 @@ $pip install "${wheel}[dev]" -c "$repo/requirements-dev.txt" 2>/dev/null
 venv/bin/pytest --version >/dev/null
 venv/bin/ruff --version >/dev/null
 
-venv/bin/python -m copycat_tf | grep -q "steal"
-venv/bin/python -m copycat_tf --version | grep -q "^copycat_tf [0-9]"
-venv/bin/copycat-steal --version | grep -q "^copycat_tf [0-9]"
+# Outputs are captured before grep reads them: `cmd | grep -q` may close the pipe early.
+verbs=$(venv/bin/python -m copycat_tf)
+grep -q "steal" <<<"$verbs"
+version=$(venv/bin/python -m copycat_tf --version)
+grep -q "^copycat_tf [0-9]" <<<"$version"
+version=$(venv/bin/copycat-steal --version)
+grep -q "^copycat_tf [0-9]" <<<"$version"
 for verb in train_target model_server steal train_copycat evaluate demo study; do
   script="copycat-${verb//_/-}"
   for command in "venv/bin/$script" "venv/bin/python -m copycat_tf.$verb"; do

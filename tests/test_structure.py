@@ -8,6 +8,7 @@ import sys
 import threading
 import tomllib
 
+import pytest
 from cli_util import REPO, run_verb
 
 from copycat_tf.attack.dispatch import RequestStats
@@ -96,6 +97,26 @@ def test_package_lists_its_verbs_and_version():
             timeout=120,
         )
         assert (proc.returncode, proc.stdout) == (0, f"copycat_tf {__version__}\n"), proc.stderr
+
+
+@pytest.mark.parametrize("args", [["-m", "copycat_tf"], ["-m", "copycat_tf.steal", "--version"]])
+def test_a_reader_that_stops_early_is_no_error(args):
+    """`python -m copycat_tf | grep -q steal` may close the pipe before the listing is
+    written: that is the reader's choice, not a crash (no traceback, status 0)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_recipe_defaults_live_in_one_place():
