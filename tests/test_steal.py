@@ -616,6 +616,20 @@ def test_greedy_class_balanced_choice():
     assert sel.pool_size(100, 50) == 100
 
 
+def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_path):
+    from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd import NpdItem
+
+    def unreadable(positions):
+        return [NpdItem(k, None, f"{k}.png", "cannot identify image file") for k in positions]
+
+    with pytest.raises(UserInputError, match="none of the 3 answered queries before query 3"):
+        sel.select(
+            str(tmp_path), "entropy", 0, 3, 4, 100, {0: 1, 1: 0, 2: 1}, unreadable, unreadable, 2, 0
+        )
+    assert sel.load_selection(str(tmp_path)) is None  # nothing chosen, nothing written
+
+
 @pytest.mark.parametrize(
     "selection, shards, fragment",
     [

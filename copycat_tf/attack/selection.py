@@ -256,6 +256,12 @@ def select(
     queries = queries[scout_subset(every, SCOUT_MAX_EXAMPLES, seed + round_index)].tolist()
     answered = items(queries)
     keep = [i for i, item in enumerate(answered) if item is not None and item.image is not None]
+    if not keep:
+        raise UserInputError(
+            f"--selection={strategy}: none of the {len(queries)} answered queries before "
+            f"query {after} has a readable NPD image to train the scout on; check --npd (its "
+            "skipped items are listed in the manifest) or use --selection=random"
+        )
     images = np.stack([answered[i].image for i in keep])
     labels = np.array([labeled[queries[i]] for i in keep], np.int64)
     scout = _train_scout(images, labels, num_classes, seed + round_index)
