@@ -126,6 +126,12 @@ flags.DEFINE_integer(
     lower_bound=0,
 )
 flags.DEFINE_string(
+    "monitoring_config_file",
+    "",
+    "TF Serving MonitoringConfig text proto; with prometheus_config { enable: true } the REST "
+    "port serves Prometheus metrics at its path (default /monitoring/prometheus/metrics).",
+)
+flags.DEFINE_string(
     "output_defense",
     "none",
     "none | top1 | topk:K | round:D | "

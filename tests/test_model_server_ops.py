@@ -347,6 +347,10 @@ def test_fuzz_both_apis_then_still_correct(tiny_export):
         (["--model_config_file=/nonexistent/models.config"], "cannot be read"),
         (["--model_base_path=/tmp/x", "--api_keys_file=/nonexistent"], "--api_keys_file"),
         (["--model_base_path=/tmp/x", "--port=9000", "--rest_api_port=9000"], "must differ"),
+        (
+            ["--model_base_path=/tmp/x", f"--monitoring_config_file={REPO}/README.md"],
+            "not a MonitoringConfig text proto",
+        ),
     ],
 )
 def test_model_server_bad_flags(flags, fragment):
@@ -465,3 +469,74 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_prometheus_metrics_as_tf_serving_exports_them(tmp_path, tiny_export):
+    """--monitoring_config_file: the REST port serves request counts and latencies per
+    model, API and status, model-call batch sizes, the queue depth and the rows answered
+    through a defence, in the text format prometheus_client's own parser reads; the path
+    needs the API key like the model routes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = tmp_path / "monitoring.txt"
+    config.write_text('prometheus_config { enable: true, path: "/metrics/here" }\n')
+    keys = tmp_path / "keys"
+    keys.write_text("k-1\n")
+    with ServerProcess(
+        f"--model_base_path={tiny_export[0]}",
+        "--model_name=m",
+        f"--monitoring_config_file={config}",
+        f"--api_keys_file={keys}",
+        "--output_defense=top1",
+        api_key="k-1",
+    ) as server:
+        key = {"x-api-key": "k-1"}
+        assert _rest_predict(server, images(3), headers=key).status_code == 200
+        assert _rest_predict(server, images(1), headers=key, path="nope").status_code == 404
+        grpc_predict(server.grpc_target, images(2), metadata=[("x-api-key", "k-1")])
+        url = f"http://127.0.0.1:{server.rest_port}/metrics/here"
+        assert requests.get(url, timeout=30).status_code == 401  # no key, no metrics
+        answer = requests.get(url, headers=key, timeout=30)
+        default = f"http://127.0.0.1:{server.rest_port}/monitoring/prometheus/metrics"
+        assert requests.get(default, headers=key, timeout=30).status_code == 404  # moved
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    count = ":tensorflow:serving:request_count_total"
+    rest = {"model_name": "m", "entrypoint": "REST", "method": "POST"}
+    assert value(count, status="200", **rest) == 1
+    assert value(count, **{**rest, "model_name": "nope"}, status="404") == 1
+    assert value(count, model_name="m", entrypoint="GRPC", method="Predict", status="OK") == 1
+    latency = ":tensorflow:serving:request_latency_seconds_count"
+    assert value(latency, status="200", **rest) == 1
+    batches = ":tensorflow:serving:batching_session:batch_size"
+    assert value(f"{batches}_count", model_name="m") == 2  # one model call per request
+    assert value(f"{batches}_sum", model_name="m") == 5  # 3 + 2 rows
+    assert (":tensorflow:serving:batching_session:queue_depth", ()) in samples
+    assert value(":copycat:serving:defended_rows_total", model_name="m", defense="top1") == 5
+
+
+def test_monitoring_config_file_errors(tmp_path):
+    from copycat_tf.errors import UserInputError
+    from copycat_tf.server import app
+
+    config = tmp_path / "monitoring.txt"
+    config.write_text("prometheus_config { enable: true }")
+    assert app._monitoring(str(config), 8501).path == "/monitoring/prometheus/metrics"
+    with pytest.raises(UserInputError, match="pass --rest_api_port too"):
+        app._monitoring(str(config), 0)
+    config.write_text('prometheus_config { enable: true, path: "metrics" }')
+    with pytest.raises(UserInputError, match="must be a URL path from /"):
+        app._monitoring(str(config), 8501)
+    config.write_text("prometheus_config { enabled: true }")  # misspelt field
+    with pytest.raises(UserInputError, match="not a MonitoringConfig text proto"):
+        app._monitoring(str(config), 8501)
+    with pytest.raises(UserInputError, match="cannot be read"):
+        app._monitoring(str(tmp_path / "missing.txt"), 8501)
+    assert not app._monitoring("", 0).enabled

@@ -16,6 +16,7 @@ from copycat_tf.server.batching import BatchScheduler, parse_batching_parameters
 from copycat_tf.server.core import ACCESS_LOG, Gatekeeper, ServingCore, parse_api_keys_file
 from copycat_tf.server.defenses import OutputDefense, parse_defense
 from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
+from copycat_tf.server.metrics import MonitoringConfig, ServerMetrics, parse_monitoring_config
 from copycat_tf.server.model_store import ModelConfig, ModelStore, parse_model_config_file
 from copycat_tf.server.rest_api import RestServer
 from copycat_tf.server.tensors import MAX_TENSOR_BYTES
@@ -53,6 +54,7 @@ class ServerConfig:
       split_large_batches: requests of more rows than max_batch_size run in chunks (TF
         Serving's enable_large_batch_splitting); off, they are refused.
       max_image_pixels: largest encoded image a *_bytes input may hold (pixels; 0: any).
+      monitoring: Prometheus metrics on the REST port (--monitoring_config_file).
     """
 
     models: list[ModelConfig]
@@ -82,6 +84,7 @@ class ServerConfig:
     max_tensor_bytes: int = MAX_TENSOR_BYTES
     split_large_batches: bool = True
     max_image_pixels: int = 64_000_000
+    monitoring: MonitoringConfig = dataclasses.field(default_factory=MonitoringConfig)
 
 
 class ModelServer:
@@ -114,7 +117,11 @@ class ModelServer:
             max_tensor_bytes=config.max_tensor_bytes,
             split_large_batches=config.split_large_batches,
             max_image_pixels=config.max_image_pixels,
+            metrics=ServerMetrics() if config.monitoring.enabled else None,
         )
+        if self.core.metrics is not None:
+            self.scheduler.on_model_call = self.core.metrics.model_call
+            self.core.metrics.queue_depth.set_function(self.scheduler.depth)
         self._grpc = None
         self._rest: RestServer | None = None
         self.grpc_port = 0
@@ -148,6 +155,7 @@ class ModelServer:
                     cfg.request_timeout_s,
                     cfg.cors,
                     threads=cfg.grpc_max_threads,
+                    metrics_path=cfg.monitoring.path,
                 )
             except OSError as e:
                 self.stop()
@@ -198,17 +206,35 @@ def serve(config: ServerConfig) -> None:
     logging.info("model server stopped")
 
 
-def _batching_parameters(path: str) -> dict[str, int | bool]:
-    """The settings of a --batching_parameters_file this server applies."""
+def _config_file(flag: str, path: str, parse):
+    """parse(text, path) of the file a flag names, errors as one-line UserInputErrors."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError as e:
-        raise UserInputError(f"--batching_parameters_file {path} cannot be read: {e}") from e
+        raise UserInputError(f"--{flag} {path} cannot be read: {e}") from e
     try:
-        return parse_batching_parameters(text, path)
+        return parse(text, path)
     except ValueError as e:
         raise UserInputError(str(e)) from e
+
+
+def _batching_parameters(path: str) -> dict[str, int | bool]:
+    """The settings of a --batching_parameters_file this server applies."""
+    return _config_file("batching_parameters_file", path, parse_batching_parameters)
+
+
+def _monitoring(path: str, rest_api_port: int) -> MonitoringConfig:
+    """The settings of a --monitoring_config_file."""
+    if not path:
+        return MonitoringConfig()
+    config = _config_file("monitoring_config_file", path, parse_monitoring_config)
+    if config.enabled and not rest_api_port:
+        raise UserInputError(
+            f"--monitoring_config_file {path} enables Prometheus metrics, which are served on "
+            "the REST port: pass --rest_api_port too"
+        )
+    return config
 
 
 def server_config_from_flags(values) -> ServerConfig:
@@ -239,6 +265,7 @@ def server_config_from_flags(values) -> ServerConfig:
         "num_batch_threads": values.num_batch_threads,
         "enable_large_batch_splitting": values.enable_large_batch_splitting,
     }
+    monitoring = _monitoring(values.monitoring_config_file, values.rest_api_port)
     if values.batching_parameters_file:
         batching.update(_batching_parameters(values.batching_parameters_file))
     if not values.enable_batching:
@@ -291,4 +318,5 @@ def server_config_from_flags(values) -> ServerConfig:
         max_tensor_bytes=values.max_tensor_bytes,
         split_large_batches=batching["enable_large_batch_splitting"],
         max_image_pixels=values.max_image_pixels,
+        monitoring=monitoring,
     )

@@ -14,6 +14,7 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -55,6 +56,8 @@ class BatchScheduler:
     ):
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
+        # Called with (model name, rows) of each model call (the server's metrics).
+        self.on_model_call: Callable[[str, int], None] | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_enqueued)
         self._threads = [
             threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
@@ -90,6 +93,10 @@ class BatchScheduler:
         except concurrent.futures.TimeoutError:
             job.future.cancel()
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+
+    def depth(self) -> int:
+        """Requests waiting for a model call."""
+        return self._queue.qsize()
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -146,6 +153,8 @@ class BatchScheduler:
                 self._execute_one(job)
             return
         total = sum(j.rows for j in batch)
+        if self.on_model_call is not None:
+            self.on_model_call(first.servable.name, total)
         start = 0
         for job in batch:
             job.future.set_result(
@@ -157,6 +166,8 @@ class BatchScheduler:
             start += job.rows
 
     def _execute_one(self, job: _Job) -> None:
+        if self.on_model_call is not None:
+            self.on_model_call(job.servable.name, job.rows)
         try:
             job.future.set_result(job.servable.run(job.signature, job.inputs))
         except ServingError as e:

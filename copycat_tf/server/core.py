@@ -22,6 +22,7 @@ from copycat_tf.contract import BYTES_SUFFIX, OUTPUT_SCORES, SERVING_DEFAULT
 from copycat_tf.server import tensors
 from copycat_tf.server.batching import BatchScheduler
 from copycat_tf.server.defenses import OutputDefense
+from copycat_tf.server.metrics import ServerMetrics
 from copycat_tf.server.model_store import ModelStore, Servable, SignatureInfo
 from copycat_tf.server.status import ServingError, invalid
 
@@ -232,6 +233,7 @@ class ServingCore:
     split_large_batches: bool = True  # larger requests run in chunks, else are refused
     max_tensor_bytes: int = tensors.MAX_TENSOR_BYTES
     max_image_pixels: int = 0  # pixels of one encoded image in a *_bytes input (0: no limit)
+    metrics: ServerMetrics | None = None  # Prometheus metrics (--monitoring_config_file)
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
@@ -402,7 +404,15 @@ class ServingCore:
             result = self.scheduler.run(servable, signature.name, inputs, timeout_s)
         with self._rng_lock:
             result = self.defense.apply(result, self._rng)
+        if self.metrics is not None and self.defense.kind != "none":
+            self.metrics.defended(servable.name, self.defense.kind, rows)
         return {k: result[k] for k in outputs}
+
+    def record(self, api: str, method: str, info: dict, status: str, start: float) -> None:
+        """One answered request: the access log, and the metrics when they are on."""
+        log_access(api, method, info["model"], info["version"], info["batch"], status, start)
+        if self.metrics is not None:
+            self.metrics.request(api, method, info["model"], status, time.monotonic() - start)
 
 
 def batch_size(inputs: dict[str, np.ndarray]) -> int | None:

@@ -15,7 +15,7 @@ from tensorflow_serving.apis import (
 )
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, batch_size, log_access
+from copycat_tf.server.core import ServingCore, batch_size
 from copycat_tf.server.model_store import configs_from_proto
 from copycat_tf.server.status import ServingError, invalid
 
@@ -77,7 +77,8 @@ class Admission(grpc.ServerInterceptor):
                         "Model config reload is disabled on this server (--allow_reload_config)",
                     )
             except ServingError as e:
-                log_access("grpc", method, "", None, None, e.code.name, start)
+                info = {"model": "", "version": None, "batch": None}
+                self.core.record("grpc", method, info, e.code.name, start)
                 context.abort(e.code, e.grpc_message)
             try:
                 request = parse(raw)
@@ -104,11 +105,9 @@ class _Base:
         try:
             response = fn(request, context, info)
         except ServingError as e:
-            log_access(
-                "grpc", method, info["model"], info["version"], info["batch"], e.code.name, start
-            )
+            self.core.record("grpc", method, info, e.code.name, start)
             context.abort(e.code, e.grpc_message)
-        log_access("grpc", method, info["model"], info["version"], info["batch"], "OK", start)
+        self.core.record("grpc", method, info, "OK", start)
         return response
 
 

@@ -29,7 +29,8 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import model_pb2
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, batch_size, log_access
+from copycat_tf.server.core import ServingCore, batch_size
+from copycat_tf.server.metrics import DEFAULT_PATH as DEFAULT_METRICS_PATH
 from copycat_tf.server.status import ServingError, invalid
 
 _V1 = re.compile(r"(?i)/v1/.*")
@@ -264,6 +265,7 @@ class RestServer:
       cors: add TF Serving's CORS headers.
       threads: worker threads for model calls.
       backlog: listen backlog (pending connections the kernel queues).
+      metrics_path: where GET answers the Prometheus metrics (when core.metrics is set).
     """
 
     def __init__(
@@ -275,8 +277,10 @@ class RestServer:
         cors: bool = False,
         threads: int = 16,
         backlog: int = 1024,
+        metrics_path: str = DEFAULT_METRICS_PATH,
     ):
         self.core = core
+        self.metrics_path = metrics_path
         self.routes = _Routes(core, timeout_s)
         self.max_body = max_request_bytes or DEFAULT_MAX_BODY
         self.timeout_s = timeout_s
@@ -308,6 +312,9 @@ class RestServer:
         if method == "OPTIONS":
             origin = request.headers.get("Origin", "")
             return self._response(200 if re.match(r"https?://", origin) else 400, b"", None)
+        metrics = self.core.metrics
+        if metrics is not None and path == self.metrics_path and method == "GET":
+            return await self._metrics(request, metrics)
         if not _V1.fullmatch(path):
             return self._response(404, _HTML_404, "text/html")
         info = {"model": "", "version": None, "batch": None}
@@ -319,10 +326,18 @@ class RestServer:
             with self._cond:
                 self._in_flight -= 1
                 self._cond.notify_all()
-        log_access(
-            "rest", method, info["model"], info["version"], info["batch"], str(status), start
-        )
+        self.core.record("rest", method, info, str(status), start)
         return self._response(status, payload, "application/json")
+
+    async def _metrics(self, request: web.Request, metrics) -> web.Response:
+        """The Prometheus exposition (keys as for the model routes)."""
+        try:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            self.core.admit(headers, request.remote or "")
+        except ServingError as e:
+            return self._response(e.http_status, error_body(e.message), "application/json")
+        body, content_type = metrics.render()
+        return self._response(200, body, content_type)
 
     async def _answer(self, request, method, path, info) -> tuple[int, bytes]:
         try:
