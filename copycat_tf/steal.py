@@ -98,8 +98,11 @@ flags.DEFINE_enum(
     "after the --npd_adapt_after exploration (2048 when 0), a scout copycat trained on "
     "every answer so far scores up to --selection_pool unsent candidates and a round of "
     "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
-    "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set). "
-    "Each round's choice is saved in the fake dataset before it is sent.",
+    "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set); "
+    "adaptive: no scout, a bandit (UCB1) over the NPD's arms (mix parts, backgrounds and "
+    "polarities) rewarded by how rare their answers' labels are. A round's pool is the "
+    "unchosen candidates of the round before plus fresh ones. Each round's choice is saved "
+    "in the fake dataset before it is sent.",
 )
 flags.DEFINE_integer(
     "selection_pool",
@@ -114,6 +117,10 @@ flags.DEFINE_integer(
     "Queries a selection round chooses (0: an eighth of --query_budget, at least the exploration).",
     lower_bound=0,
 )
+# The names the query-selection literature (and its issue) uses for the same settings.
+flags.DEFINE_alias("round_size", "selection_round")
+flags.DEFINE_alias("candidate_pool", "selection_pool")
+flags.DEFINE_alias("initial_queries", "npd_adapt_after")
 flags.DEFINE_boolean(
     "npd_legacy",
     False,

@@ -59,6 +59,7 @@ def layout(directory):
             r["image_png"],
             r["source_id"],
             None if "scores" not in r else r["scores"].tobytes(),
+            r.get("chosen_by"),
         )
         for r in fd.read_records(str(directory))
     ]
@@ -573,6 +574,14 @@ def test_class_balance_selection_flattens_labels_and_resumes_its_choice(tmp_path
     assert [r["query_index"] for r in records] == list(range(256))
     for r in records[64:]:
         assert r["source_id"].endswith(f"@{sel.position(saved, r['query_index'])}")
+        assert r["chosen_by"] == ("class_balance", (r["query_index"] - 64) // 64)
+    assert all("chosen_by" not in r for r in records[:64])  # the exploration's
+    # Each round after the first rescored the unchosen candidates of the one before, with
+    # a scout warm-started from the one before's; only the last scout's weights are kept.
+    assert [r["carried"] for r in saved["rounds"]] == [0, 576, 576]
+    assert [r["scout"]["warm_start"] for r in saved["rounds"]] == [False, True, True]
+    kept = sorted(p.name for p in (tmp_path / "chosen").glob("scout-*"))
+    assert kept == ["scout-2.weights.h5"]
     past = {
         name: np.array([r["label"] for r in fd.read_records(str(tmp_path / name))[64:]])
         for name in ("random", "chosen")
@@ -614,6 +623,145 @@ def test_greedy_class_balanced_choice():
     assert list(sel.choose_kcenter(points, np.zeros((1, 2), np.float32), 2)) == [3, 4]
     assert sel.pool_size(100, 100_000) == 1000 and sel.pool_size(100, 300) == 300
     assert sel.pool_size(100, 50) == 100
+    assert sel.scout_steps(10_000) == 1500 and sel.scout_steps(1000) == 300
+    assert sel.scout_steps(10_000, warm=True) == 471 and sel.scout_steps(100_000, True) == 500
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "margin", "kcenter"])
+def test_every_scout_strategy_end_to_end_with_a_partial_last_round(tmp_path, strategy, monkeypatch):
+    """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
+    round partial (budget 200): the budget is exact, each round is recorded and its
+    records say so, and the dataset trains like any other."""
+    from PIL import Image
+
+    from copycat_tf.attack import selection as sel
+
+    monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        pixels = np.clip(rng.normal(40 * i + 20, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    prep = Preparation.of(Recipe(npd_adapt_after=64, npd_background="black", npd_jitter=0.0))
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        manifest = steal(
+            tmp_path / "fake",
+            f"grpc://{s.grpc_target}/m",
+            200,
+            npd=f"folder:{folder}",
+            preparation=prep,
+            crops_per_image=4,
+            selection=strategy,
+            selection_round=64,
+        )
+    assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
+    rounds = manifest["selection_record"]["rounds"]
+    assert [(r["after"], sum(r["predicted_histogram"])) for r in rounds] == [
+        (64, 64),
+        (128, 64),
+        (192, 8),
+    ]
+    records = fd.read_records(str(tmp_path / "fake"))
+    assert [r["query_index"] for r in records] == list(range(200))
+    assert [r.get("chosen_by") for r in records[190:]] == [(strategy, 1)] * 2 + [(strategy, 2)] * 8
+    positions = [int(r["source_id"].rsplit("@", 1)[1]) for r in records[64:]]
+    assert len(set(positions)) == len(positions)  # no candidate sent twice
+    data = fd.load_fake_data([str(tmp_path / "fake")])
+    assert len(data.labels) == 200 and data.num_classes == 3
+
+
+def test_adaptive_selection_favours_the_arm_with_rare_answers(tmp_path):
+    """A mixture of a folder of dark pictures (answered "dark" almost always) and a rarer
+    folder of bright ones (answered "bright"): the bandit sends more of the second, and says so
+    per round; the same run twice chooses the same; records name strategy and round."""
+    from PIL import Image
+
+    from copycat_tf.attack import selection as sel
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)
+    rng = np.random.default_rng(5)
+    for name, levels in (("dark", [25, 35]), ("light", [230, 200])):
+        (tmp_path / name).mkdir()
+        for i in range(8):
+            pixels = np.clip(rng.normal(levels[i % 2], 15, (24, 24, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8), "RGB").save(tmp_path / name / f"{i}.png")
+    prep = Preparation.of(
+        Recipe(npd_adapt_after=64, npd_background="black", npd_invert=0.0, npd_jitter=0.0)
+    )
+    settings = dict(
+        npd=f"mix:0.85*folder:{tmp_path / 'dark'}|0.15*folder:{tmp_path / 'light'}",
+        preparation=prep,
+        crops_per_image=4,
+        selection_round=64,
+    )
+    with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
+        target = f"grpc://{s.grpc_target}/m"
+        plain = steal(tmp_path / "random", target, 256, **{**settings, "selection_round": 0})
+        chosen = steal(tmp_path / "adaptive", target, 256, selection="adaptive", **settings)
+        steal(tmp_path / "again", target, 256, selection="adaptive", **settings)
+    assert layout(tmp_path / "again")[1] == layout(tmp_path / "adaptive")[1]
+    assert chosen["queries_spent"] == 256 == plain["queries_spent"]
+    rounds = chosen["selection_record"]["rounds"]
+    assert [r["after"] for r in rounds] == [64, 128, 192]
+    assert all("scout" not in r for r in rounds)  # no scout: nothing but the bandit
+    first = rounds[0]["arms"]
+    assert set(first) == {"part 0 black", "part 1 black"}
+    assert first["part 1 black"]["reward"] > first["part 0 black"]["reward"]
+    assert sum(a["chosen"] for a in first.values()) == 64
+    assert first["part 1 black"]["chosen"] > 32  # most of the round from the rarer arm
+    records = fd.read_records(str(tmp_path / "adaptive"))
+    assert {r["chosen_by"] for r in records[64:]} == {("adaptive", i) for i in range(3)}
+    past = {
+        name: np.array([r["label"] for r in fd.read_records(str(tmp_path / name))[64:]])
+        for name in ("random", "adaptive")
+    }
+    assert _label_entropy(past["adaptive"], 3) > _label_entropy(past["random"], 3) + 0.2
+    assert sel.load_selection(str(tmp_path / "adaptive"))["strategy"] == "adaptive"
+
+
+def test_selection_pool_carry_over_bandit_and_cache_units():
+    from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd import NpdItem
+
+    rounds = [
+        {"after": 10, "chosen": [12, 15], "pool_start": 10, "pool_end": 16},
+        {"after": 12, "chosen": [14, 17], "carried": 3, "pool_start": 16, "pool_end": 18},
+    ]
+    # Round 0's pool 10..15 less its choice: 10, 11, 13, 14; round 1 took the newest 3 (11,
+    # 13, 14) and 16, 17, chose 14 and 17: 11, 13, 16 are left, the newest 2 carried on.
+    assert sel.carried_over(rounds, 4, 2) == [13, 16]
+    assert sel.carried_over(rounds, 10, 2) == [11, 13, 16]
+    assert sel.carried_over(rounds[:1], 5, 5) == []
+    assert sel.carried_over([], 5, 2) == []
+    # The bandit: arm "b" answers a rare class, "a" the common one; "c" is new (explored).
+    labels = np.array([0] * 90 + [1] * 10)
+    arms = ["a"] * 90 + ["b"] * 10
+    candidates = ["a", "b", "c"] * 20
+    rows, stats = sel.choose_adaptive(candidates, arms, labels, 2, 12)
+    picked = [candidates[r] for r in rows]
+    assert len(rows) == 12 and np.all(np.diff(rows) > 0)
+    assert picked.count("b") > picked.count("a") and picked.count("c") >= 1
+    assert stats["b"]["reward"] > stats["a"]["reward"] and stats["c"]["answers"] == 0
+    assert sum(s["chosen"] for s in stats.values()) == 12
+    assert np.array_equal(rows, sel.choose_adaptive(candidates, arms, labels, 2, 12)[0])
+    assert len(sel.choose_adaptive(["a"] * 3, arms, labels, 2, 12)[0]) == 3  # pool too small
+    # The cache keeps items up to its byte limit, and computes what it lacks.
+    computed = []
+
+    def compute(positions):
+        computed.extend(positions)
+        return [NpdItem(p, np.zeros((10, 10), np.uint8), str(p)) for p in positions]
+
+    cache = sel.ImageCache(limit=3 * (64 + 100))
+    assert [it.index for it in cache.get([1, 2, 3, 4], compute)] == [1, 2, 3, 4]
+    assert [it.index for it in cache.get([2, 4, 1], compute)] == [2, 4, 1]
+    assert computed == [1, 2, 3, 4, 4]  # 4 did not fit: computed again
+    assert cache.nbytes <= cache.limit
 
 
 def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_path):
@@ -624,10 +772,33 @@ def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_p
         return [NpdItem(k, None, f"{k}.png", "cannot identify image file") for k in positions]
 
     with pytest.raises(UserInputError, match="none of the 3 answered queries before query 3"):
-        sel.select(
-            str(tmp_path), "entropy", 0, 3, 4, 100, {0: 1, 1: 0, 2: 1}, unreadable, unreadable, 2, 0
-        )
+        labeled = {0: 1, 1: 0, 2: 1}
+        sel.select(str(tmp_path), "entropy", 0, 3, 4, 100, labeled, unreadable, str, 2, 0)
     assert sel.load_selection(str(tmp_path)) is None  # nothing chosen, nothing written
+
+
+def test_adaptive_selection_with_a_single_arm_is_a_clear_error(tmp_path):
+    from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd import NpdItem
+
+    def readable(positions):
+        return [NpdItem(k, np.zeros((4, 4, 1), np.uint8), f"{k}") for k in positions]
+
+    with pytest.raises(UserInputError, match="--selection=adaptive needs NPD arms"):
+        sel.select(
+            str(tmp_path),
+            "adaptive",
+            0,
+            3,
+            4,
+            100,
+            {0: 1, 1: 0, 2: 1},
+            readable,
+            "all".format,
+            2,
+            0,
+        )
+    assert sel.load_selection(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize(
@@ -635,10 +806,12 @@ def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_p
     [
         ("kcentre", 1, "--selection=kcentre; expected one of random, class_balance"),
         ("class_balance", 2, "run it with --num_shards=1"),
+        ("entropy", 1, "--selection_round=500 cannot be chosen from --selection_pool=400"),
     ],
 )
 def test_selection_bad_input(selection, shards, fragment):
     from copycat_tf.attack import selection as sel
 
     with pytest.raises(UserInputError, match=fragment.replace("(", r"\(")):
-        sel.check_selection(selection, shards)
+        sel.check_selection(selection, shards, 500, 400)
+    sel.check_selection("random", 1, 500, 400)  # random order has no rounds

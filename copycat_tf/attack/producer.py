@@ -34,6 +34,8 @@ class NpdBatch:
       query: indices to send.
       images, pngs, sources: pixels, their PNG and source id, one per query index.
       skips: (index, source_id, error) of unreadable NPD items.
+      chosen_by: per query, (strategy, round) of the query selection that chose it, or
+        None (random order, the exploration).
       end: the stream is exhausted after this batch.
     """
 
@@ -43,6 +45,7 @@ class NpdBatch:
     pngs: list[bytes] = dataclasses.field(default_factory=list)
     sources: list[str] = dataclasses.field(default_factory=list)
     skips: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    chosen_by: list[tuple[str, int] | None] = dataclasses.field(default_factory=list)
     end: bool = False
 
 
@@ -61,8 +64,9 @@ class Producer:
         whose answers set the arm weights and choose the queries before the first
         position past it is produced.
       select: for a query selection, (round, its first query index, labels so far, items
-        of query indices, items of raw stream positions, queries still needed) -> the
-        selection (attack.selection.select).
+        of stream positions, arm name of a stream position, queries still needed) -> the
+        selection (attack.selection.select). Items of sent queries and scored candidates
+        are kept between rounds (attack.selection.ImageCache).
     """
 
     def __init__(
@@ -89,8 +93,9 @@ class Producer:
         self.adaptation: dict | None = None  # set once the arm weights are adapted
         self.select = select
         self.selection: dict | None = None  # set once the queries are chosen
-        self._round = 0  # the next round of a query selection
+        self._chosen: dict | None = None  # the whole selection, with its choices
         self.rounds_begun = 0  # rounds whose queries are being produced
+        self.cache = sel.ImageCache() if select is not None else None
         self._explored = False
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._stop = threading.Event()
@@ -154,7 +159,7 @@ class Producer:
             while len(fresh) < want and len(window) < 4 * self.batch_size:
                 k = held if held is not None else next(indices)
                 held = None
-                if self._needs_weights(k):
+                if self._at_bound(k):
                     if window:  # finish the exploration's last window first
                         held = k
                         break
@@ -170,7 +175,8 @@ class Producer:
             for k in window:
                 yield k, items.get(k)
 
-    def _needs_weights(self, k: int) -> bool:
+    def _at_bound(self, k: int) -> bool:
+        """Whether k waits for the exploration (or the current selection round) to end."""
         return self.exploration is not None and not self._explored and k >= self.exploration.bound
 
     def _explore_done(self, pool) -> None:
@@ -184,16 +190,16 @@ class Producer:
             return
         after = self.exploration.bound
         selection = self.select(
-            self._round,
+            self.rounds_begun,
             after,
             self.exploration.labels(),
-            functools.partial(self._compute, pool),
-            functools.partial(self._compute, pool, raw=True),
+            functools.partial(self._fetch, pool),
+            self.stream.arm_name,
             self._need,
         )
-        current = selection["rounds"][self._round]
-        self._round += 1
-        self.rounds_begun = self._round
+        current = selection["rounds"][self.rounds_begun]
+        self.rounds_begun += 1
+        self._chosen = selection  # a new record each round: the remap follows it
         self.stream.remap_from = selection["rounds"][0]["after"]
         self.stream.remap = functools.partial(sel.position, selection)
         self.selection = {
@@ -209,10 +215,26 @@ class Producer:
         else:
             self._explored = True  # the stream ended: nothing more to choose from
 
+    def _fetch(self, pool, positions: list[int]) -> list:
+        """The items of stream positions, from the cache or computed."""
+        return self.cache.get(positions, functools.partial(self._compute, pool, raw=True))
+
+    def _chosen_by(self, k: int) -> tuple[str, int] | None:
+        """(strategy, round) of the selection round query k belongs to, if any."""
+        rounds = self._chosen["rounds"] if self._chosen else []
+        for i, r in enumerate(rounds):
+            if r["after"] <= k < r["after"] + len(r["chosen"]):
+                return self._chosen["strategy"], i
+        return None
+
     def _compute(self, pool, indices: list[int], raw: bool = False) -> list:
         """stream.item of each index (stream.item_at_position of each position when
-        `raw`), contiguous blocks per thread (consecutive crops of a picture share its
-        decoding)."""
+        `raw`; through the cache for a query selection), contiguous blocks per thread
+        (consecutive crops of a picture share its decoding)."""
+        if self.cache is not None and not raw:  # a selection: items are kept between rounds
+            positions = [self.stream.position(k) for k in indices]
+            found = self._fetch(pool, positions)
+            return [self.stream.as_query(k, it) for k, it in zip(indices, found, strict=True)]
         item = self.stream.item_at_position if raw else self.stream.item
         if self.workers == 1 or len(indices) < 2:
             return [item(k) for k in indices]
@@ -258,6 +280,7 @@ class Producer:
                     batch.images.append(item.image)
                     batch.pngs.append(png_bytes(item.image))
                     batch.sources.append(item.source_id)
+                    batch.chosen_by.append(self._chosen_by(k))
                     remaining -= 1
                     self._need = remaining
                     self.produced += 1

@@ -117,7 +117,8 @@ class StealMonitor:
 
     def selection_round(self, index: int, strategy: str, record: dict, previous: dict | None):
         """A query selection's round began: the line names it; TensorBoard gets its pool,
-        times, predicted labels, and the previous round scout's agreement with the target."""
+        times, predicted labels (a scout's) or arm rewards and shares (the bandit's), and
+        the previous round scout's agreement with the target."""
         import tensorflow as tf
 
         self.round_text = f" | round {index} ({strategy})"
@@ -126,14 +127,18 @@ class StealMonitor:
             tf.summary.scalar("selection/round", index, step=step)
             tf.summary.scalar("selection/pool", record["pool"], step=step)
             tf.summary.scalar("selection/seconds", record["seconds"], step=step)
-            tf.summary.scalar("selection/scout_seconds", record["scout"]["seconds"], step=step)
-            predicted = np.asarray(record["predicted_histogram"])
-            tf.summary.histogram(
-                "selection/predicted_labels",
-                np.repeat(np.arange(len(predicted)), predicted),
-                step=step,
-                buckets=max(len(predicted), 1),
-            )
+            if "scout" in record:
+                tf.summary.scalar("selection/scout_seconds", record["scout"]["seconds"], step=step)
+                predicted = np.asarray(record["predicted_histogram"])
+                tf.summary.histogram(
+                    "selection/predicted_labels",
+                    np.repeat(np.arange(len(predicted)), predicted),
+                    step=step,
+                    buckets=max(len(predicted), 1),
+                )
+            for arm, a in record.get("arms", {}).items():  # the adaptive bandit
+                tf.summary.scalar(f"selection/arm_reward/{arm}", a["reward"], step=step)
+                tf.summary.scalar(f"selection/arm_chosen/{arm}", a["chosen"], step=step)
             if previous is not None and "scout_agreement" in previous:
                 tf.summary.scalar(
                     "selection/scout_agreement", previous["scout_agreement"], step=step

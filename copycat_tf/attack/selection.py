@@ -13,18 +13,36 @@ and the next round starts from all the labels again, until the budget is spent.
   margin         smallest gap between the scout's two best classes.
   kcenter        greedy core-set on the scout's penultimate features: candidates far from
                  everything stolen or chosen so far (diversity).
+  adaptive       no scout: a bandit over the NPD's arms (each part of a `mix:` spec and,
+                 for prepared pictures, each background/polarity of the preparation),
+                 each arm rewarded by how rare the labels its answers got are (mean
+                 self-information in bits under the label frequencies so far, so the
+                 reward of an arm falls as its classes fill up); the round's queries are
+                 shared out by upper confidence bound (UCB1), the earliest candidates of
+                 each arm first.
 
-Query k of a round sends the candidate position the round chose for it. Every round's
-choice is written to the fake dataset (SELECTION_FILE, atomically) before any of it is
-sent, and read back on resume: a resumed run sends exactly what the first one chose. A
-kill before a round is written trains its scout again on resume (nothing of it was sent).
-Memory is bounded by the pool's scores (pool x classes floats; x feature size for
-kcenter); candidate images are scored a chunk at a time and not kept.
+The candidate pool of a round is the newest unchosen candidates of the round before (up
+to the pool size less the round's queries; the scout of this round scores them again, as
+in a fixed-pool active learner) followed by fresh stream positions never scored. Query k
+of a round sends the candidate position the round chose for it. Every round's choice is
+written to the fake dataset (SELECTION_FILE, atomically) before any of it is sent, and
+read back on resume: a resumed run sends exactly what the first one chose. A kill before
+a round is written trains its scout again on resume (nothing of it was sent).
+
+Round 0's scout starts from scratch; each later round's starts from the round before's
+(warm start: WARM_EPOCHS epochs instead of SCOUT_EPOCHS), whose weights are kept in the
+fake dataset until the next round is written.
+
+Memory: the pool's scores (pool x classes floats; x 128 features for kcenter) and the
+images of candidates and answered queries, kept between rounds in an `ImageCache` of at
+most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x224x3: ~7,000, past which
+images are computed again from their positions: slower, never different).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,7 +51,9 @@ import numpy as np
 from copycat_tf.errors import UserInputError
 from copycat_tf.workdir import atomic_write_json
 
-SELECTIONS = ("random", "class_balance", "entropy", "margin", "kcenter")
+SELECTIONS = ("random", "class_balance", "entropy", "margin", "kcenter", "adaptive")
+# Strategies that train a scout copycat each round.
+SCOUTED = ("class_balance", "entropy", "margin", "kcenter")
 SELECTION_FILE = "selection.json"
 SCORE_CHUNK = 2048
 # Candidates scored per query chosen: a larger pool holds more of the rare classes.
@@ -41,7 +61,13 @@ POOL_PER_QUERY = 10
 SCOUT_EPOCHS = 10
 SCOUT_MIN_STEPS = 300  # a small exploration is seen for more epochs
 SCOUT_MAX_STEPS = 1500  # the scout's time per round stays bounded as labels accumulate
+# Later rounds start from the round before's scout (warm start): fewer epochs, fewer steps.
+WARM_EPOCHS = 3
+WARM_MAX_STEPS = 500
 SCOUT_BATCH = 64
+# Each round's scout weights, kept in the fake dataset (the last round's only) so a resumed
+# run warm-starts the next round from exactly what an uninterrupted run had.
+SCOUT_WEIGHTS = "scout-{round}.weights.h5"
 # Labels a scout trains on at most (rare classes kept whole): bounds its time and the
 # images recomputed for it each round.
 SCOUT_MAX_EXAMPLES = 10_000
@@ -49,16 +75,63 @@ SCOUT_MAX_EXAMPLES = 10_000
 RARITY_SMOOTHING = 10.0
 # Greedy choice in this many steps, the predicted class counts updated after each.
 GREEDY_STEPS = 50
+# Images kept between rounds (candidates and answered queries), in bytes.
+CACHE_BYTES = 1 << 30
+# UCB1 exploration weight of the adaptive bandit, in bits of reward.
+UCB_WEIGHT = 1.0
 
 
-def check_selection(selection: str, num_shards: int) -> None:
-    """Raises UserInputError for an unknown strategy or one this run cannot use."""
+class ImageCache:
+    """Items of stream positions, kept up to `limit` bytes of pixels (then not added: a
+    miss is computed again, which costs time only)."""
+
+    def __init__(self, limit: int = CACHE_BYTES):
+        self.limit = limit
+        self.nbytes = 0
+        self._items: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, positions: list[int], compute: Callable[[list[int]], list]) -> list:
+        """The items of `positions`, computing (and keeping) the missing ones."""
+        with self._lock:
+            found = {p: self._items[p] for p in positions if p in self._items}
+        missing = [p for p in positions if p not in found]
+        if missing:
+            for p, item in zip(missing, compute(missing), strict=True):
+                found[p] = item
+                self.put(p, item)
+        return [found[p] for p in positions]
+
+    def put(self, position: int, item) -> None:
+        size = 64 + (0 if item is None or item.image is None else item.image.nbytes)
+        with self._lock:
+            if position not in self._items and self.nbytes + size <= self.limit:
+                self._items[position] = item
+                self.nbytes += size
+
+
+def check_selection(
+    selection: str,
+    num_shards: int,
+    round_queries: int = 0,
+    max_pool: int = 0,
+) -> None:
+    """Raises UserInputError for an unknown strategy, one this run cannot use, or round
+    sizes that do not fit together (0: not checked)."""
     if selection not in SELECTIONS:
         raise UserInputError(f"--selection={selection}; expected one of {', '.join(SELECTIONS)}")
-    if selection != "random" and num_shards != 1:
+    if selection == "random":
+        return
+    if num_shards != 1:
         raise UserInputError(
             f"--selection={selection} chooses from one worker's candidates; run it with "
             "--num_shards=1 (or use --selection=random to split the stream across workers)"
+        )
+    if max_pool and round_queries > max_pool:
+        raise UserInputError(
+            f"--selection_round={round_queries} cannot be chosen from --selection_pool="
+            f"{max_pool} candidates; raise --selection_pool (10 per query is the default "
+            "share) or lower --selection_round"
         )
 
 
@@ -117,32 +190,40 @@ def choose_balanced(probs: np.ndarray, counts: np.ndarray, need: int) -> np.ndar
     return np.flatnonzero(taken)
 
 
-def _train_scout(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int):
+def _train_scout(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, warm: str | None
+):
     """plain_cnn fitted on the labels so far (a balanced subset of them, see
     scout_subset), without class weights: its probabilities stay close to the target's
-    answer rates, which the greedy class-balanced choice counts with."""
+    answer rates, which the greedy class-balanced choice counts with. `warm`: weights
+    of the round before's scout to start from (then fewer steps), or None."""
     import keras
 
     from copycat_tf.models.registry import plain_cnn
 
     keras.utils.set_random_seed(seed)
     model = plain_cnn(images.shape[1:], num_classes)
+    if warm is not None:
+        model.load_weights(warm)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    _fit(model, images, labels)
+    _fit(model, images, labels, scout_steps(len(labels), warm is not None))
     return model
 
 
-def scout_steps(examples: int) -> int:
-    """Training steps of a scout on `examples` labels: SCOUT_EPOCHS epochs, within
-    [SCOUT_MIN_STEPS, SCOUT_MAX_STEPS]."""
+def scout_steps(examples: int, warm: bool = False) -> int:
+    """Training steps of a scout on `examples` labels: SCOUT_EPOCHS epochs within
+    [SCOUT_MIN_STEPS, SCOUT_MAX_STEPS]; warm-started, WARM_EPOCHS within
+    [1, WARM_MAX_STEPS]."""
     per_epoch = -(-examples // SCOUT_BATCH)
+    if warm:
+        return min(WARM_EPOCHS * per_epoch, WARM_MAX_STEPS)
     return min(max(SCOUT_EPOCHS * per_epoch, SCOUT_MIN_STEPS), SCOUT_MAX_STEPS)
 
 
-def _fit(model, images, labels) -> None:
+def _fit(model, images, labels, steps: int) -> None:
     import tensorflow as tf
 
     data = (
@@ -151,18 +232,24 @@ def _fit(model, images, labels) -> None:
         .repeat()
         .batch(SCOUT_BATCH)
     )
-    model.fit(data, epochs=1, steps_per_epoch=scout_steps(len(labels)), verbose=0, shuffle=False)
+    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+
+
+def _with_features(model):
+    """The scout answering (penultimate features, logits): built once per round."""
+    import keras
+
+    return keras.Model(model.inputs, [model.layers[-2].output, model.output])
 
 
 def _scores(model, images: np.ndarray, features: bool):
-    """(class probabilities, penultimate features or None) of a batch of images."""
-    import keras
-
+    """(class probabilities, penultimate features or None) of a batch of images; `model`
+    is the scout, or with `features` its _with_features model."""
+    x = images.astype(np.float32)
     if features:
-        head = keras.Model(model.inputs, [model.layers[-2].output, model.output])
-        feats, logits = head.predict(images.astype(np.float32), batch_size=512, verbose=0)
+        feats, logits = model.predict(x, batch_size=512, verbose=0)
     else:
-        feats, logits = None, model.predict(images.astype(np.float32), batch_size=512, verbose=0)
+        feats, logits = None, model.predict(x, batch_size=512, verbose=0)
     logits = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -211,6 +298,78 @@ def load_selection(directory: str) -> dict | None:
         return json.load(f)
 
 
+def query_position(selection: dict | None, k: int) -> int:
+    """The stream position query k sent (k itself before the first round)."""
+    if not selection or not selection["rounds"] or k < selection["rounds"][0]["after"]:
+        return k
+    return position(selection, k)
+
+
+def carried_over(rounds: list[dict], size: int, need: int) -> list[int]:
+    """The candidates the next round takes over from the round before: its pool's unchosen
+    positions, the newest `size - need` of them (rounds record how many they took)."""
+    alive: list[int] = []
+    for r in rounds:
+        taken = r.get("carried", 0)  # rounds made before carrying over took none
+        pool = (alive[len(alive) - taken :] if taken else []) + list(
+            range(r["pool_start"], r["pool_end"])
+        )
+        chosen = set(r["chosen"])
+        alive = [p for p in pool if p not in chosen]
+    keep = max(0, size - need)
+    return alive[max(0, len(alive) - keep) :]
+
+
+def choose_adaptive(
+    candidate_arms: list[str],
+    answered_arms: list[str],
+    answered_labels: np.ndarray,
+    num_classes: int,
+    need: int,
+) -> tuple[np.ndarray, dict]:
+    """UCB1 over arms rewarded by the self-information of their answers' labels (an arm
+    without answers is tried once, rated at the mean reward).
+
+    Returns:
+      (chosen candidate rows ascending, {arm: {"answers", "reward", "chosen"}}).
+    """
+    counts = np.bincount(answered_labels, minlength=num_classes).astype(np.float64)
+    info = -np.log2((counts + 1.0) / (counts.sum() + num_classes))  # bits per class
+    rewards = info[answered_labels] if len(answered_labels) else np.zeros(0)
+    overall = float(rewards.mean()) if len(rewards) else 0.0
+    by_arm: dict[str, list[int]] = {}
+    for row, arm in enumerate(candidate_arms):
+        by_arm.setdefault(arm, []).append(row)
+    answered = np.array(answered_arms, dtype=object)
+    stats = {}
+    for arm in sorted(set(by_arm) | set(answered_arms)):
+        mask = answered == arm
+        n = int(mask.sum())
+        stats[arm] = {
+            "answers": n,
+            "reward": round(float(rewards[mask].mean()) if n else overall, 4),
+            "chosen": 0,
+        }
+    total = max(len(answered_labels), 1)
+    taken: list[int] = []
+    next_row = dict.fromkeys(by_arm, 0)
+    need = min(int(need), len(candidate_arms))
+    while len(taken) < need:
+        open_arms = [a for a in sorted(by_arm) if next_row[a] < len(by_arm[a])]
+        pulls = {a: stats[a]["answers"] + stats[a]["chosen"] for a in open_arms}
+        ucb = {  # an arm never pulled is pulled once first (UCB1)
+            a: stats[a]["reward"] + UCB_WEIGHT * np.sqrt(2 * np.log(total + len(taken)) / pulls[a])
+            if pulls[a]
+            else np.inf
+            for a in open_arms
+        }
+        best = max(open_arms, key=lambda a: (ucb[a], -open_arms.index(a)))
+        taken.append(by_arm[best][next_row[best]])
+        next_row[best] += 1
+        stats[best]["chosen"] += 1
+    return np.sort(np.array(taken, np.int64)), stats
+
+
 def select(
     directory: str,
     strategy: str,
@@ -219,8 +378,8 @@ def select(
     need: int,
     max_pool: int,
     labeled: dict[int, int],
-    items: Callable[[list[int]], list],
-    candidate_items: Callable[[list[int]], list],
+    fetch: Callable[[list[int]], list],
+    arm_of: Callable[[int], str],
     num_classes: int,
     seed: int,
 ) -> dict:
@@ -235,15 +394,16 @@ def select(
       need: queries this round chooses.
       max_pool: candidates scored at most.
       labeled: {query index: stolen label} of every answer before `after`.
-      items: query indices -> the NpdItems they sent.
-      candidate_items: stream positions -> NpdItems (None past the stream's end).
+      fetch: stream positions -> their NpdItems (None past the stream's end).
+      arm_of: stream position -> its arm's name (for `adaptive`).
       num_classes: the label space.
       seed: the scout's initialisation.
 
     Returns:
       the whole selection ({"strategy", "rounds": [...]}); each round holds "after",
-      "chosen" (stream positions in query order), "pool_start"/"pool_end" (the candidate
-      positions it scored) and statistics.
+      "chosen" (stream positions in query order), "carried" (candidates taken over from
+      the round before), "pool_start"/"pool_end" (the fresh positions it scored) and
+      statistics.
     """
     selection = load_selection(directory) or {"strategy": strategy, "rounds": []}
     rounds = selection["rounds"]
@@ -253,73 +413,143 @@ def select(
     queries = np.array(sorted(labeled), np.int64)
     every = np.array([labeled[k] for k in queries], np.int64)
     counts = np.bincount(every, minlength=num_classes)
-    queries = queries[scout_subset(every, SCOUT_MAX_EXAMPLES, seed + round_index)].tolist()
-    answered = items(queries)
-    keep = [i for i, item in enumerate(answered) if item is not None and item.image is not None]
-    if not keep:
-        raise UserInputError(
-            f"--selection={strategy}: none of the {len(queries)} answered queries before "
-            f"query {after} has a readable NPD image to train the scout on; check --npd (its "
-            "skipped items are listed in the manifest) or use --selection=random"
-        )
-    images = np.stack([answered[i].image for i in keep])
-    labels = np.array([labeled[queries[i]] for i in keep], np.int64)
-    scout = _train_scout(images, labels, num_classes, seed + round_index)
-    trained = time.monotonic()
-
-    features = strategy == "kcenter"
-    pool_start = rounds[-1]["pool_end"] if rounds else after
     size = pool_size(need, max_pool)
-    probs, feats, candidates, end = [], [], [], pool_start
+    carried = carried_over(rounds, size, need)
+    pool_start = rounds[-1]["pool_end"] if rounds else after
+    record: dict = {"after": after}
+    if strategy in SCOUTED:
+        scout, images, trained_on, warm = _scout(
+            selection, queries, every, labeled, fetch, seed, after, num_classes, directory
+        )
+        record["scout"] = {
+            "model": "plain_cnn",
+            "steps": scout_steps(trained_on, warm),
+            "trained_on": trained_on,
+            "warm_start": warm,
+            "seconds": round(time.monotonic() - start, 1),
+        }
+    features = strategy == "kcenter"
+    scorer = _with_features(scout) if features else scout if strategy in SCOUTED else None
+    probs, feats, candidates, arms = [], [], [], []
+
+    def score(positions: list[int]) -> list:
+        got = fetch(positions)
+        ok = [(p, it) for p, it in zip(positions, got, strict=True) if it and it.image is not None]
+        if ok:
+            candidates.extend(p for p, _ in ok)
+            if strategy in SCOUTED:
+                p, f = _scores(scorer, np.stack([it.image for _, it in ok]), features)
+                probs.append(p)
+                feats.append(f)
+            else:
+                arms.extend(arm_of(p) for p, _ in ok)
+        return got
+
+    for i in range(0, len(carried), SCORE_CHUNK):
+        score(carried[i : i + SCORE_CHUNK])
+    end = pool_start
     while len(candidates) < size:
         chunk = list(range(end, end + min(SCORE_CHUNK, size - len(candidates))))
-        got = candidate_items(chunk)
-        ok = [(k, it) for k, it in zip(chunk, got, strict=True) if it and it.image is not None]
-        if ok:
-            candidates.extend(k for k, _ in ok)
-            p, f = _scores(scout, np.stack([it.image for _, it in ok]), features)
-            probs.append(p)
-            feats.append(f)
+        got = score(chunk)
         end = chunk[-1] + 1
         if any(it is None for it in got):  # the stream ends inside the pool
             break
-    probs = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
-    if strategy == "class_balance":
-        rows = choose_balanced(probs, counts, need)
-    elif strategy in ("entropy", "margin"):
-        rows = choose_uncertain(probs, need, strategy)
+    if strategy in SCOUTED:
+        probs = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
+        if strategy == "class_balance":
+            rows = choose_balanced(probs, counts, need)
+        elif strategy in ("entropy", "margin"):
+            rows = choose_uncertain(probs, need, strategy)
+        else:
+            centres = _scores(scorer, images, True)[1]
+            rows = choose_kcenter(np.concatenate(feats), centres, need) if feats else []
+        guesses = probs[rows].argmax(axis=1)
+        record["predicted_histogram"] = np.bincount(guesses, minlength=num_classes).tolist()
+        record["guesses"] = guesses.tolist()  # the scout's label for each choice
     else:
-        centres = _scores(scout, images, True)[1]
-        rows = choose_kcenter(np.concatenate(feats), centres, need) if feats else []
-    guesses = probs[rows].argmax(axis=1)
-    predicted = np.bincount(guesses, minlength=num_classes)
+        answered_arms = [arm_of(query_position(selection, int(k))) for k in queries]
+        if len(set(arms) | set(answered_arms)) < 2:
+            raise UserInputError(
+                f"--selection=adaptive needs NPD arms to choose between, and this stream has "
+                f"one ({arms[0] if arms else 'none'}); use --npd=mix:... or a folder:/tfds: "
+                "source with several --npd_background kinds or --npd_invert, or another "
+                "--selection"
+            )
+        rows, record["arms"] = choose_adaptive(arms, answered_arms, every, num_classes, need)
     if rounds:  # the scout of the last round, judged on what it chose (never trained on)
-        last = rounds[-1]
-        answers = [labeled.get(last["after"] + j) for j in range(len(last["guesses"]))]
-        pairs = [(g, a) for g, a in zip(last["guesses"], answers, strict=True) if a is not None]
-        if pairs:
-            last["scout_agreement"] = round(float(np.mean([g == a for g, a in pairs])), 4)
-    rounds.append(
+        _judge(rounds[-1], labeled)
+    record.update(
         {
-            "after": after,
             "chosen": [int(candidates[r]) for r in rows],
             "pool": len(candidates),
+            "carried": len(carried),
             "pool_start": int(pool_start),
             "pool_end": int(end),
-            "scout": {
-                "model": "plain_cnn",
-                "steps": scout_steps(len(labels)),
-                "trained_on": len(labels),
-                "seconds": round(trained - start, 1),
-            },
             "labels_before": counts.tolist(),
-            "predicted_histogram": predicted.tolist(),
-            "guesses": guesses.tolist(),  # the scout's label for each choice
             "seconds": round(time.monotonic() - start, 1),
         }
     )
+    if strategy in SCOUTED:  # before the round is written: a resumed next round needs it
+        _save_scout(scout, directory, round_index)
+        record["scout"]["saved"] = True
+    rounds.append(record)
     atomic_write_json(os.path.join(directory, SELECTION_FILE), selection)
+    for older in range(round_index):  # no round will start from these any more
+        path = os.path.join(directory, SCOUT_WEIGHTS.format(round=older))
+        if os.path.exists(path):
+            os.remove(path)
     return selection
+
+
+def _save_scout(scout, directory: str, round_index: int) -> None:
+    path = os.path.join(directory, SCOUT_WEIGHTS.format(round=round_index))
+    temp = path.replace(".weights.h5", ".partial.weights.h5")
+    scout.save_weights(temp)
+    os.replace(temp, path)
+
+
+def _scout(selection, queries, every, labeled, fetch, seed, after, num_classes, directory):
+    """(the scout, its training images, their count) of a round: plain_cnn on a subset of
+    the labels so far (scout_subset), the images of the positions their queries sent."""
+    round_index = len(selection["rounds"])
+    queries = queries[scout_subset(every, SCOUT_MAX_EXAMPLES, seed + round_index)].tolist()
+    answered = fetch([query_position(selection, k) for k in queries])
+    keep = [i for i, item in enumerate(answered) if item is not None and item.image is not None]
+    if not keep:
+        raise UserInputError(
+            f"--selection={selection['strategy']}: none of the {len(queries)} answered queries "
+            f"before query {after} has a readable NPD image to train the scout on; check --npd "
+            "(its skipped items are listed in the manifest) or use --selection=random"
+        )
+    images = np.stack([answered[i].image for i in keep])
+    labels = np.array([labeled[queries[i]] for i in keep], np.int64)
+    # The round before's scout, saved with its round: none for round 0 and for rounds
+    # chosen before warm starts existed (then this scout starts cold).
+    warm = None
+    if round_index and _scouted(selection["rounds"][-1]):
+        warm = os.path.join(directory, SCOUT_WEIGHTS.format(round=round_index - 1))
+        if not os.path.exists(warm):
+            raise UserInputError(
+                f"{warm} is missing: round {round_index - 1}'s scout is needed to choose "
+                f"round {round_index} as the first run would have; restore the file, or "
+                "steal into a new directory"
+            )
+    scout = _train_scout(images, labels, num_classes, seed + round_index, warm)
+    return scout, images, len(labels), warm is not None
+
+
+def _scouted(record: dict) -> bool:
+    return record.get("scout", {}).get("saved", False)
+
+
+def _judge(last: dict, labeled: dict[int, int]) -> None:
+    """The previous round's scout agreement with the target on what it chose."""
+    if "guesses" not in last:
+        return
+    answers = [labeled.get(last["after"] + j) for j in range(len(last["guesses"]))]
+    pairs = [(g, a) for g, a in zip(last["guesses"], answers, strict=True) if a is not None]
+    if pairs:
+        last["scout_agreement"] = round(float(np.mean([g == a for g, a in pairs])), 4)
 
 
 def position(selection: dict, k: int) -> int:

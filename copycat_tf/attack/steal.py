@@ -150,7 +150,13 @@ def _records(batch: NpdBatch, answer: Prediction, mode: LabelMode, shape) -> lis
         label = int(answer.labels[i])
         scores = None if answer.scores is None else answer.scores[i]
         example = fd.make_example(
-            batch.pngs[i], shape, batch.sources[i], k, label, mode.stored_scores(scores)
+            batch.pngs[i],
+            shape,
+            batch.sources[i],
+            k,
+            label,
+            mode.stored_scores(scores),
+            chosen_by=batch.chosen_by[i] if batch.chosen_by else None,
         )
         out.append((k, example, label))
     return out
@@ -194,7 +200,12 @@ class _StealRun:
         if cfg.query_budget < 1:
             raise UserInputError(f"--query_budget={cfg.query_budget}; expected at least 1")
         prep = cfg.preparation or Preparation.of(Recipe())
-        sel.check_selection(cfg.selection, cfg.num_shards)
+        sel.check_selection(
+            cfg.selection,
+            cfg.num_shards,
+            cfg.selection_round,
+            cfg.selection_pool,
+        )
         self.client, self.info, num_classes = _describe(cfg, self.mode)
         stream = NpdStream(
             cfg.npd,
@@ -278,7 +289,7 @@ class _StealRun:
             reachable = self.spent_before + self.producer.produced
             _report_exhausted(self.cfg, reachable)
             self.writer.write_manifest(npd_exhausted_at=reachable)
-        _record_adaptation(self.producer, self.writer)
+        _record_npd_choices(self.producer, self.writer)
         self._record_rounds()
         self.writer.expect(batch.order)
         self.writer.add_skips(batch.skips)
@@ -307,7 +318,7 @@ class _StealRun:
         """Final commits and manifest; raises what stopped the run, if anything did."""
         cfg, writer = self.cfg, self.writer
         self.dispatcher.shutdown()
-        _record_adaptation(self.producer, writer)
+        _record_npd_choices(self.producer, writer)
         self._record_rounds()
         self.monitor.close(_retries(writer, self.dispatcher))
         complete = error is None and self.producer.done
@@ -356,8 +367,8 @@ def _select(
     round_index: int,
     after: int,
     labeled,
-    items,
-    candidate_items,
+    fetch,
+    arm_of,
     need: int,
     num_classes: int,
 ) -> dict:
@@ -378,8 +389,8 @@ def _select(
         min(size, need),
         cfg.selection_pool,
         labeled,
-        items,
-        candidate_items,
+        fetch,
+        arm_of,
         num_classes,
         cfg.seed,
     )
@@ -390,21 +401,27 @@ def _select(
             100 * selection["rounds"][round_index - 1]["scout_agreement"],
         )
     r = selection["rounds"][round_index]
+    if "scout" in r:
+        how = f"scout {r['scout']['seconds']:.0f} s; predicted {r['predicted_histogram']}"
+    else:
+        how = "arms (reward bits, chosen) " + ", ".join(
+            f"{arm} ({a['reward']:.2f}, {a['chosen']})" for arm, a in r["arms"].items()
+        )
     logging.info(
-        "steal: round %d: %d queries chosen from %d candidates in %.0f s (scout %.0f s); "
-        "labels so far %s, predicted for the round %s",
+        "steal: round %d: %d queries chosen from %d candidates (%d carried over) in %.0f s; "
+        "labels so far %s; %s",
         round_index,
         len(r["chosen"]),
         r["pool"],
+        r.get("carried", 0),
         r["seconds"],
-        r["scout"]["seconds"],
         r["labels_before"],
-        r["predicted_histogram"],
+        how,
     )
     return selection
 
 
-def _record_adaptation(producer: Producer, writer: FakeDatasetWriter) -> None:
+def _record_npd_choices(producer: Producer, writer: FakeDatasetWriter) -> None:
     if producer.selection:
         writer.manifest["selection_record"] = producer.selection
     if producer.adaptation and "npd_adaptation" not in writer.manifest:

@@ -31,6 +31,9 @@ IMAGE_SOURCE_ID = "image/source_id"
 QUERY_INDEX = "query/index"
 LABEL_STOLEN = "label/stolen"
 LABEL_SCORES = "label/scores"
+# Records chosen by a query selection round (steal --selection) also carry these.
+QUERY_SELECTION = "query/selection"
+QUERY_ROUND = "query/round"
 
 MANIFEST = "manifest.json"
 # 2: "harvest_seconds" became "steal_seconds" and the NPD record gained "preparation";
@@ -51,8 +54,10 @@ def make_example(
     query_index: int,
     label: int,
     scores: np.ndarray | None = None,
+    chosen_by: tuple[str, int] | None = None,
 ) -> bytes:
-    """One serialized tf.train.Example of the fake dataset."""
+    """One serialized tf.train.Example of the fake dataset (`chosen_by`: the strategy and
+    round of the query selection that chose it; readers that do not ask ignore it)."""
 
     def _int(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
@@ -73,6 +78,9 @@ def make_example(
         feature[LABEL_SCORES] = tf.train.Feature(
             float_list=tf.train.FloatList(value=np.asarray(scores, np.float32).tolist())
         )
+    if chosen_by is not None:
+        feature[QUERY_SELECTION] = _bytes(chosen_by[0].encode())
+        feature[QUERY_ROUND] = _int(chosen_by[1])
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -93,6 +101,11 @@ def parse_example(serialized: bytes) -> dict:
     }
     if LABEL_SCORES in f:
         record["scores"] = np.array(f[LABEL_SCORES].float_list.value, np.float32)
+    if QUERY_SELECTION in f:
+        record["chosen_by"] = (
+            f[QUERY_SELECTION].bytes_list.value[0].decode(),
+            f[QUERY_ROUND].int64_list.value[0],
+        )
     return record
 
 

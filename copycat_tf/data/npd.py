@@ -287,7 +287,8 @@ class NpdStream:
         self.remap: Callable[[int], int] | None = None
         self.remap_from = 0
 
-    def _position(self, k: int) -> int:
+    def position(self, k: int) -> int:
+        """The stream position query index k sends (k itself unless a selection remaps it)."""
         if self.remap is not None and k >= self.remap_from:
             return self.remap(k)
         return k
@@ -356,22 +357,39 @@ class NpdStream:
     def arm(self, k: int) -> int | None:
         """The preparation arm (index into preparation.arms) of item k; None for items that
         are not prepared pictures (synthetic, pd:, legacy)."""
-        k = self._position(k)
-        part, _ = self._locate(k)
+        return self._arm_at(self.position(k))[1]
+
+    def _arm_at(self, position: int) -> tuple[int, int | None]:
+        """(mixture part, preparation arm or None) of the item at a stream position."""
+        part, _ = self._locate(position)
         if self.preparation.legacy or not isinstance(self.parts[part][1], (_Folder, _Tfds)):
-            return None
-        rng = np.random.default_rng([self.seed, k, 2])
-        return self.preparation.draw_arm(rng, self._weights_at(k))
+            return part, None
+        rng = np.random.default_rng([self.seed, position, 2])
+        return part, self.preparation.draw_arm(rng, self._weights_at(position))
+
+    def arm_name(self, position: int) -> str:
+        """The arm of the item at a stream position, as a query selection's bandit sees it:
+        its part of a mixture ("part N") and, for a prepared picture, its background and
+        polarity ("white/inverted"); "all" when the stream has neither."""
+        part, arm = self._arm_at(position)
+        names = [f"part {part}"] if len(self.parts) > 1 else []
+        if arm is not None:
+            background, inverted = self.preparation.arms[arm]
+            names.append(background + ("/inverted" if inverted else ""))
+        return " ".join(names) or "all"
 
     def item(self, k: int) -> NpdItem | None:
         """The item at global index k, or None past the end of the stream."""
-        at = self._position(k)
-        result = self._item_at(at)
-        if result is not None:
-            result.index = k
-            if self.remap is not None and k >= self.remap_from:
-                result.source_id += f"@{at}"  # the stream position chosen for query k
-        return result
+        return self.as_query(k, self._item_at(self.position(k)))
+
+    def as_query(self, k: int, item: NpdItem | None) -> NpdItem | None:
+        """A copy of the item at position(k), as query k sends it (None stays None)."""
+        if item is None:
+            return None
+        source_id = item.source_id
+        if self.remap is not None and k >= self.remap_from:
+            source_id += f"@{self.position(k)}"  # the stream position chosen for query k
+        return dataclasses.replace(item, index=k, source_id=source_id)
 
     def item_at_position(self, k: int) -> NpdItem | None:
         """The item at stream position k, whatever query index a selection maps to it

@@ -34,12 +34,13 @@ PARTS = {
 
 
 # The selection part's defaults: strategies (each against random order) and budgets.
-SELECTION_STRATEGIES = ("class_balance", "entropy", "kcenter")
+SELECTION_STRATEGIES = ("class_balance", "entropy", "margin", "kcenter", "adaptive")
 SELECTION_BUDGETS = (5000, 10000)
 
 
 def copycat_variants(base: Recipe) -> tuple:
-    """Cheaper copycat trainings than the recipe's, on the same stolen labels."""
+    """Other copycat trainings than the recipe's (cheaper ones, augmented), on the same
+    stolen labels."""
     half = max(1, base.epochs // 2)
     return (
         ("plain", "`plain_cnn`", {"model": "plain_cnn"}),
@@ -48,6 +49,11 @@ def copycat_variants(base: Recipe) -> tuple:
             "fastest",
             f"`plain_cnn`, balance=resample, {half} epochs",
             {"model": "plain_cnn", "balance": "resample", "epochs": half},
+        ),
+        (
+            "geometric",
+            "augment=geometric (shifts, flips, small rotations and zooms)",
+            {"augment": "geometric"},
         ),
     )
 

@@ -1,0 +1,106 @@
+"""The cost of one query-selection round (`steal --selection`): scout, candidates, choice.
+
+  .venv/bin/python -m benchmarks.selection_overhead [--pool=50000] [--exploration=2048]
+      [--strategies=entropy,adaptive] [--npd=...]
+
+For each strategy, two consecutive rounds of `attack.selection.select` on the Recipe's NPD
+stream at 28x28x1 (natural pictures when installed), each choosing a tenth of --pool
+queries from a pool of --pool candidates, as `steal` runs them after an exploration of
+--exploration queries (no target: the labels of the answered queries are drawn at
+random, which does not change what a round costs). The first round generates its whole
+pool; the second takes the first's unchosen candidates over and generates only the rest.
+Prints per round: the answers before it, the pool, carried-over and freshly generated
+candidates, the scout's seconds and the round's. The items of answered queries and
+candidates stay in memory between rounds as in `steal` (attack.selection.ImageCache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+
+from benchmarks.common import NUM_CLASSES, SHAPE, machine_line
+
+
+def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of):
+    from copycat_tf.attack import selection as sel
+
+    start = time.perf_counter()
+    selection = sel.select(
+        directory, strategy, index, after, need, pool, labels, fetch, arm_of, NUM_CLASSES, 0
+    )
+    return selection["rounds"][index], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", type=int, default=50_000)
+    parser.add_argument("--exploration", type=int, default=2048, help="answers before round 0")
+    parser.add_argument("--strategies", default="entropy,adaptive")
+    parser.add_argument("--npd", default="", help="NPD spec (default: the Recipe's)")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd import NpdStream
+    from copycat_tf.data.preparation import Preparation
+    from copycat_tf.recipe import Recipe
+
+    recipe = Recipe(npd=args.npd)
+    need = max(1, args.pool // sel.POOL_PER_QUERY)
+    rows = []
+    for strategy in args.strategies.split(","):
+        stream = NpdStream(
+            recipe.resolved_npd(),
+            SHAPE,
+            seed=0,
+            crops_per_image=recipe.crops_per_image,
+            preparation=Preparation.of(recipe),
+        )
+        if stream.adapts:  # as after the exploration: arms at their base weights
+            stream.arm_weights = stream.preparation.base_weights()
+        cache = sel.ImageCache()
+
+        def fetch(positions, cache=cache, stream=stream):
+            return cache.get(positions, lambda ps: [stream.item_at_position(p) for p in ps])
+
+        fetch(list(range(args.exploration)))  # sent during the exploration: kept by steal
+        rng = np.random.default_rng(0)
+        directory = tempfile.mkdtemp(prefix="bench-selection-")
+        labels = {k: int(rng.integers(NUM_CLASSES)) for k in range(args.exploration)}
+        for index in range(2):
+            after = args.exploration + index * need
+            labels.update(
+                {k: int(rng.integers(NUM_CLASSES)) for k in range(after) if k not in labels}
+            )  # the previous round's answers
+            record, seconds = _round(
+                strategy, directory, index, after, need, args.pool, labels, fetch, stream.arm_name
+            )
+            fresh = record["pool_end"] - record["pool_start"]
+            scout = record["scout"]["seconds"] if "scout" in record else 0.0
+            rows.append(
+                (strategy, index, after, record["pool"], record["carried"], fresh, scout, seconds)
+            )
+        shutil.rmtree(directory, ignore_errors=True)
+    print(
+        f"\n{'strategy':<10} {'round':>5} {'answers':>7} {'pool':>7} {'carried':>8} "
+        f"{'generated':>10} {'scout s':>8} {'round s':>8}"
+    )
+    for strategy, index, answered, pool, carried, fresh, scout, seconds in rows:
+        print(
+            f"{strategy:<10} {index:>5} {answered:>7} {pool:>7} {carried:>8} {fresh:>10} "
+            f"{scout:>8.1f} {seconds:>8.1f}"
+        )
+    command = "\ncommand: .venv/bin/python -m benchmarks.selection_overhead"
+    print(
+        f"{command} --pool={args.pool} --exploration={args.exploration} "
+        f"--strategies={args.strategies}"
+    )
+    print(machine_line(f"NPD {recipe.resolved_npd()}, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"))
+
+
+if __name__ == "__main__":
+    main()
