@@ -722,6 +722,12 @@ def test_adaptive_selection_favours_the_arm_with_rare_answers(tmp_path):
     }
     assert _label_entropy(past["adaptive"], 3) > _label_entropy(past["random"], 3) + 0.2
     assert sel.load_selection(str(tmp_path / "adaptive"))["strategy"] == "adaptive"
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "adaptive" / "tensorboard" / "steal"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    rewards = acc.Tensors("selection/arm_reward/part_1_black")
+    assert [e.step for e in rewards] == [64, 128, 192]
 
 
 def test_selection_pool_carry_over_bandit_and_cache_units():

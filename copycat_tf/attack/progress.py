@@ -137,8 +137,9 @@ class StealMonitor:
                     buckets=max(len(predicted), 1),
                 )
             for arm, a in record.get("arms", {}).items():  # the adaptive bandit
-                tf.summary.scalar(f"selection/arm_reward/{arm}", a["reward"], step=step)
-                tf.summary.scalar(f"selection/arm_chosen/{arm}", a["chosen"], step=step)
+                tag = arm.replace(" ", "_")  # a valid summary name
+                tf.summary.scalar(f"selection/arm_reward/{tag}", a["reward"], step=step)
+                tf.summary.scalar(f"selection/arm_chosen/{tag}", a["chosen"], step=step)
             if previous is not None and "scout_agreement" in previous:
                 tf.summary.scalar(
                     "selection/scout_agreement", previous["scout_agreement"], step=step
