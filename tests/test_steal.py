@@ -303,6 +303,20 @@ def _save_model(path, scores_of, constant=False):
     os.rename(tmp, path)  # a version directory appears complete
 
 
+def _brightness_target(tmp_path, pictures, mode="RGB"):
+    """(model base path, NPD folder): the 3-class brightness model of _save_model, and a
+    folder of the given pixel arrays as PNGs."""
+    from PIL import Image
+
+    base = tmp_path / "m"
+    _save_model(str(base / "1"), lambda p: p)  # class 0 bright, 1 dark, 2 mid-grey
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    for i, pixels in enumerate(pictures):
+        Image.fromarray(pixels, mode).save(folder / f"{i}.png")
+    return base, folder
+
+
 def test_float16_scores_are_stolen_as_float32(tmp_path):
     base = tmp_path / "m"
     _save_model(str(base / "1"), lambda p: tf.cast(p, tf.float16))
@@ -439,17 +453,14 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path):
     import time
 
     from cli_util import REPO
-    from PIL import Image
 
-    base = tmp_path / "m"
-    _save_model(str(base / "1"), lambda p: p)
-    folder = tmp_path / "npd"
-    folder.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(8):
+    pictures = []
+    for _ in range(8):
         rgba = rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)
         rgba[..., 3] = np.where(rng.random((30, 30)) < 0.7, 0, 255)
-        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+        pictures.append(rgba)
+    base, folder = _brightness_target(tmp_path, pictures, "RGBA")
     env = {**os.environ, "PYTHONPATH": REPO}
     with ServerProcess(
         f"--model_base_path={base}", "--model_name=m", "--inject_latency_ms=60"
@@ -632,20 +643,15 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(tmp_path, str
     """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
     round partial (budget 200): the budget is exact, each round is recorded and its
     records say so, and the dataset trains like any other."""
-    from PIL import Image
-
     from copycat_tf.attack import selection as sel
 
     monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
 
-    base = tmp_path / "m"
-    _save_model(str(base / "1"), lambda p: p)
-    folder = tmp_path / "npd"
-    folder.mkdir()
     rng = np.random.default_rng(3)
-    for i in range(6):
-        pixels = np.clip(rng.normal(40 * i + 20, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    pictures = [
+        np.clip(rng.normal(40 * i + 20, 20, (24, 24, 3)), 0, 255).astype(np.uint8) for i in range(6)
+    ]
+    base, folder = _brightness_target(tmp_path, pictures)
     prep = Preparation.of(Recipe(npd_adapt_after=64, npd_background="black", npd_jitter=0.0))
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
         manifest = steal(
