@@ -108,6 +108,40 @@ def test_render_tables_and_plot(tmp_path):
     png = (tmp_path / results.BUDGET_PLOT).read_bytes()
     results.write_results(str(tmp_path), study)
     assert (tmp_path / results.BUDGET_PLOT).read_bytes() == png  # deterministic plot
+    assert not (tmp_path / results.SELECTION_PLOT).exists()  # no selection part
+
+
+def test_selection_curve_per_strategy(tmp_path):
+    def chosen(strategy, queries, ratio):
+        run = _run(queries=queries, ratio_accuracy=ratio)
+        run["key"] = {"recipe": {**run["key"]["recipe"], "selection": strategy}}
+        return run
+
+    study = {
+        "name": "tiny",
+        "runs": {
+            "r5": _run(queries=5000, ratio_accuracy=0.7),  # recorded before selection existed
+            "r10": chosen("random", 10000, 0.78),
+            "e5": chosen("entropy", 5000, 0.75),
+            "e10": chosen("entropy", 10000, 0.84),
+        },
+        "rows": [
+            {"group": "selection", "label": label, "run": run}
+            for label, run in (("r 5k", "r5"), ("e 5k", "e5"), ("r 10k", "r10"), ("e 10k", "e10"))
+        ],
+        "parts": ["selection"],
+    }
+    assert results.selection_points(study) == {
+        "random": [(5000, 0.7), (10000, 0.78)],
+        "entropy": [(5000, 0.75), (10000, 0.84)],
+    }
+    results.write_results(str(tmp_path), study)
+    text = (tmp_path / results.RESULTS_MD).read_text()
+    assert f"![query selection against random order]({results.SELECTION_PLOT})" in text
+    png = (tmp_path / results.SELECTION_PLOT).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    results.write_results(str(tmp_path), study)
+    assert (tmp_path / results.SELECTION_PLOT).read_bytes() == png
 
 
 def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):

@@ -15,6 +15,7 @@ from copycat_tf.workdir import atomic_write_bytes
 RESULTS_MD = "RESULTS.md"
 PREFACE_MD = "PREFACE.md"
 BUDGET_PLOT = "budget_curve.png"
+SELECTION_PLOT = "selection_curve.png"
 HEADER = [
     "copycat",
     "queries",
@@ -159,6 +160,34 @@ def budget_curve_figure(points: list[tuple[int, float, float, float]], title: st
     return fig
 
 
+def selection_points(study: dict) -> dict[str, list[tuple[int, float]]]:
+    """{strategy: [(queries, accuracy ratio)]} of the selection part ("random" = order)."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for _, run in _group_rows(study, "selection"):
+        strategy = run["key"]["recipe"].get("selection", "random")
+        points.setdefault(strategy, []).append((run["queries"], run["ratio_accuracy"]))
+    return {s: sorted(p) for s, p in sorted(points.items(), key=lambda kv: kv[0] != "random")}
+
+
+def selection_curve_figure(points: dict[str, list[tuple[int, float]]], title: str):
+    """Accuracy ratio against the query budget, one line per selection strategy."""
+    plt = viz.pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    budgets = sorted({q for line in points.values() for q, _ in line})
+    for strategy, line in points.items():
+        style = {"color": "black", "linestyle": "--"} if strategy == "random" else {}
+        label = "random order" if strategy == "random" else strategy
+        ax.plot([q for q, _ in line], [100 * r for _, r in line], marker="o", label=label, **style)
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{q / 1000:g}k" for q in budgets])
+    ax.set_xlabel("NPD queries")
+    ax.set_ylabel("accuracy copycat/target, %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def _recipe_table(study: dict) -> str:
     """The settings of the reference run (the first row's run)."""
     rows = study.get("rows", [])
@@ -293,13 +322,16 @@ def render(study: dict, preface: str = "") -> str:
             ]
         if group == "budget" and len(members) > 1:
             out += [f"![query-budget curve]({BUDGET_PLOT})", ""]
+        if group == "selection" and len(members) > 1:
+            out += [f"![query selection against random order]({SELECTION_PLOT})", ""]
     if study.get("datasets"):
         out += ["## Fake datasets", "", _datasets_table(study), ""]
     return "\n".join(out)
 
 
 def write_results(results_dir: str, study: dict) -> None:
-    """Writes RESULTS.md (and the budget curve) into results_dir from the study record."""
+    """Writes RESULTS.md (and the budget and selection curves) into results_dir from the
+    study record."""
     preface = ""
     path = os.path.join(results_dir, PREFACE_MD)
     if os.path.exists(path):
@@ -309,4 +341,10 @@ def write_results(results_dir: str, study: dict) -> None:
     if len(points) > 1:
         figure = budget_curve_figure(points, f"{study.get('name', '')}: what a query budget buys")
         viz.save_figure(figure, os.path.join(results_dir, BUDGET_PLOT))
+    selection = selection_points(study)
+    if sum(len(line) for line in selection.values()) > 1:
+        figure = selection_curve_figure(
+            selection, f"{study.get('name', '')}: chosen queries against random order"
+        )
+        viz.save_figure(figure, os.path.join(results_dir, SELECTION_PLOT))
     atomic_write_bytes(os.path.join(results_dir, RESULTS_MD), render(study, preface).encode())
