@@ -1,14 +1,16 @@
 """The cost of one query-selection round (`steal --selection`): scout, candidates, choice.
 
   .venv/bin/python -m benchmarks.selection_overhead [--pool=50000] [--exploration=2048]
-      [--strategies=entropy,adaptive] [--npd=...]
+      [--strategies=entropy,adaptive] [--npd=...] [--reuse]
 
 For each strategy, two consecutive rounds of `attack.selection.select` on the Recipe's NPD
 stream at 28x28x1 (natural pictures when installed), each choosing a tenth of --pool
 queries from a pool of --pool candidates, as `steal` runs them after an exploration of
 --exploration queries (no target: the labels of the answered queries are drawn at
 random, which does not change what a round costs). The first round generates its whole
-pool; the second takes the first's unchosen candidates over and generates only the rest.
+pool; the second generates a whole fresh pool too, or, with --reuse (steal
+--selection_reuse), takes the first's unchosen candidates over, generates only the rest and
+warm-starts its scout from the first's.
 Prints per round: the answers before it, the pool, carried-over and freshly generated
 candidates, the scout's seconds and the round's. The items of answered queries and
 candidates stay in memory between rounds as in `steal` (attack.selection.ImageCache).
@@ -24,12 +26,23 @@ import time
 from benchmarks.common import NUM_CLASSES, SHAPE, machine_line
 
 
-def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of):
+def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of, reuse):
     from copycat_tf.attack import selection as sel
 
     start = time.perf_counter()
     selection = sel.select(
-        directory, strategy, index, after, need, pool, labels, fetch, arm_of, NUM_CLASSES, 0
+        directory,
+        strategy,
+        index,
+        after,
+        need,
+        pool,
+        labels,
+        fetch,
+        arm_of,
+        NUM_CLASSES,
+        0,
+        reuse=reuse,
     )
     return selection["rounds"][index], time.perf_counter() - start
 
@@ -40,6 +53,7 @@ def main() -> None:
     parser.add_argument("--exploration", type=int, default=2048, help="answers before round 0")
     parser.add_argument("--strategies", default="entropy,adaptive")
     parser.add_argument("--npd", default="", help="NPD spec (default: the Recipe's)")
+    parser.add_argument("--reuse", action="store_true", help="as steal --selection_reuse")
     args = parser.parse_args()
 
     import numpy as np
@@ -77,7 +91,16 @@ def main() -> None:
                 {k: int(rng.integers(NUM_CLASSES)) for k in range(after) if k not in labels}
             )  # the previous round's answers
             record, seconds = _round(
-                strategy, directory, index, after, need, args.pool, labels, fetch, stream.arm_name
+                strategy,
+                directory,
+                index,
+                after,
+                need,
+                args.pool,
+                labels,
+                fetch,
+                stream.arm_name,
+                args.reuse,
             )
             fresh = record["pool_end"] - record["pool_start"]
             scout = record["scout"]["seconds"] if "scout" in record else 0.0
@@ -97,7 +120,7 @@ def main() -> None:
     command = "\ncommand: .venv/bin/python -m benchmarks.selection_overhead"
     print(
         f"{command} --pool={args.pool} --exploration={args.exploration} "
-        f"--strategies={args.strategies}"
+        f"--strategies={args.strategies}{' --reuse' if args.reuse else ''}"
     )
     print(machine_line(f"NPD {recipe.resolved_npd()}, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"))
 

@@ -138,6 +138,7 @@ def steal(
             selection=recipe.selection,
             selection_pool=recipe.selection_pool,
             selection_round=recipe.selection_round,
+            selection_reuse=recipe.selection_reuse,
             npd_data_dir=data_dir,
             target_options=target_options or {},
             progress=progress,

@@ -83,6 +83,9 @@ class Recipe:
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
         least npd_adapt_after).
+      selection_reuse: a round takes the round before's unchosen candidates over and
+        warm-starts its scout from the round before's (faster rounds; fewer distinct
+        candidates in all).
       label_mode: what is kept of each answer: hard, topk:K or scores.
       model: copycat architecture (models.registry).
       epochs, batch_size, learning_rate, weight_decay, augment: copycat training.
@@ -113,6 +116,7 @@ class Recipe:
     selection: str = "random"
     selection_pool: int = 100_000
     selection_round: int = 0
+    selection_reuse: bool = False
     label_mode: str = "hard"
     model: str = "small_cnn"
     epochs: int = 10

@@ -100,9 +100,8 @@ flags.DEFINE_enum(
     "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
     "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set); "
     "adaptive: no scout, a bandit (UCB1) over the NPD's arms (mix parts, backgrounds and "
-    "polarities) rewarded by how rare their answers' labels are. A round's pool is the "
-    "unchosen candidates of the round before plus fresh ones. Each round's choice is saved "
-    "in the fake dataset before it is sent.",
+    "polarities) rewarded by how rare their answers' labels are. Each round's choice is "
+    "saved in the fake dataset before it is sent.",
 )
 flags.DEFINE_integer(
     "selection_pool",
@@ -116,6 +115,13 @@ flags.DEFINE_integer(
     RECIPE.selection_round,
     "Queries a selection round chooses (0: an eighth of --query_budget, at least the exploration).",
     lower_bound=0,
+)
+flags.DEFINE_boolean(
+    "selection_reuse",
+    RECIPE.selection_reuse,
+    "A selection round takes the round before's unchosen candidates over (scored again) and "
+    "warm-starts its scout from the round before's: faster rounds, fewer distinct candidates "
+    "in all (see benchmarks/README.md and the study's notes for what it costs in accuracy).",
 )
 # The names the query-selection literature (and its issue) uses for the same settings.
 flags.DEFINE_alias("round_size", "selection_round")
@@ -225,6 +231,7 @@ def main(argv):
             selection=FLAGS.selection,
             selection_pool=FLAGS.selection_pool,
             selection_round=FLAGS.selection_round,
+            selection_reuse=FLAGS.selection_reuse,
             progress=FLAGS.progress,
             target_options={
                 "api_key": cli.api_key_from_flags(),

@@ -587,12 +587,10 @@ def test_class_balance_selection_flattens_labels_and_resumes_its_choice(tmp_path
         assert r["source_id"].endswith(f"@{sel.position(saved, r['query_index'])}")
         assert r["chosen_by"] == ("class_balance", (r["query_index"] - 64) // 64)
     assert all("chosen_by" not in r for r in records[:64])  # the exploration's
-    # Each round after the first rescored the unchosen candidates of the one before, with
-    # a scout warm-started from the one before's; only the last scout's weights are kept.
-    assert [r["carried"] for r in saved["rounds"]] == [0, 576, 576]
-    assert [r["scout"]["warm_start"] for r in saved["rounds"]] == [False, True, True]
-    kept = sorted(p.name for p in (tmp_path / "chosen").glob("scout-*"))
-    assert kept == ["scout-2.weights.h5"]
+    # Fresh candidates and a scout from scratch each round (no --selection_reuse).
+    assert [r["carried"] for r in saved["rounds"]] == [0, 0, 0]
+    assert not any(r["scout"]["warm_start"] for r in saved["rounds"])
+    assert not list((tmp_path / "chosen").glob("scout-*"))
     past = {
         name: np.array([r["label"] for r in fd.read_records(str(tmp_path / name))[64:]])
         for name in ("random", "chosen")
@@ -638,11 +636,16 @@ def test_greedy_class_balanced_choice():
     assert sel.scout_steps(10_000, warm=True) == 471 and sel.scout_steps(100_000, True) == 500
 
 
-@pytest.mark.parametrize("strategy", ["entropy", "margin", "kcenter"])
-def test_every_scout_strategy_end_to_end_with_a_partial_last_round(tmp_path, strategy, monkeypatch):
+@pytest.mark.parametrize(
+    "strategy, reuse", [("entropy", False), ("margin", True), ("kcenter", True)]
+)
+def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
+    tmp_path, strategy, reuse, monkeypatch
+):
     """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
     round partial (budget 200): the budget is exact, each round is recorded and its
-    records say so, and the dataset trains like any other."""
+    records say so, and the dataset trains like any other. With --selection_reuse, rounds
+    take the unchosen candidates of the round before over and warm-start their scout."""
     from copycat_tf.attack import selection as sel
 
     monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
@@ -663,6 +666,7 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(tmp_path, str
             crops_per_image=4,
             selection=strategy,
             selection_round=64,
+            selection_reuse=reuse,
         )
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
     rounds = manifest["selection_record"]["rounds"]
@@ -676,6 +680,13 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(tmp_path, str
     assert [r.get("chosen_by") for r in records[190:]] == [(strategy, 1)] * 2 + [(strategy, 2)] * 8
     positions = [int(r["source_id"].rsplit("@", 1)[1]) for r in records[64:]]
     assert len(set(positions)) == len(positions)  # no candidate sent twice
+    kept = [p.name for p in (tmp_path / "fake").glob("scout-*")]
+    if reuse:  # pools of 640, 640 and 80 candidates
+        assert [r["carried"] for r in rounds] == [0, 576, 72]
+        assert [r["scout"]["warm_start"] for r in rounds] == [False, True, True]
+        assert kept == ["scout-2.weights.h5"]  # the last round's only
+    else:
+        assert [r["carried"] for r in rounds] == [0, 0, 0] and not kept
     data = fd.load_fake_data([str(tmp_path / "fake")])
     assert len(data.labels) == 200 and data.num_classes == 3
 

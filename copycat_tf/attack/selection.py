@@ -21,17 +21,18 @@ and the next round starts from all the labels again, until the budget is spent.
                  shared out by upper confidence bound (UCB1), the earliest candidates of
                  each arm first.
 
-The candidate pool of a round is the newest unchosen candidates of the round before (up
-to the pool size less the round's queries; the scout of this round scores them again, as
-in a fixed-pool active learner) followed by fresh stream positions never scored. Query k
-of a round sends the candidate position the round chose for it. Every round's choice is
-written to the fake dataset (SELECTION_FILE, atomically) before any of it is sent, and
-read back on resume: a resumed run sends exactly what the first one chose. A kill before
-a round is written trains its scout again on resume (nothing of it was sent).
-
-Round 0's scout starts from scratch; each later round's starts from the round before's
-(warm start: WARM_EPOCHS epochs instead of SCOUT_EPOCHS), whose weights are kept in the
-fake dataset until the next round is written.
+The candidate pool of a round is stream positions never scored before, and every round's
+scout is trained from scratch. With `reuse` (steal --selection_reuse), a round's pool
+starts with the newest unchosen candidates of the round before (up to the pool size less
+the round's queries; this round's scout scores them again, as in a fixed-pool active
+learner) and its scout starts from the round before's (warm start: WARM_EPOCHS epochs
+instead of SCOUT_EPOCHS; the weights are kept in the fake dataset until the next round is
+written): rounds after the first cost far less (benchmarks/README.md), but fewer distinct
+candidates are scored in all. Query k of a round sends the candidate position the round
+chose for it. Every round's choice is written to the fake dataset (SELECTION_FILE,
+atomically) before any of it is sent, and read back on resume: a resumed run sends
+exactly what the first one chose. A kill before a round is written trains its scout again
+on resume (nothing of it was sent).
 
 Memory: the pool's scores (pool x classes floats; x 128 features for kcenter) and the
 images of candidates and answered queries, kept between rounds in an `ImageCache` of at
@@ -382,6 +383,7 @@ def select(
     arm_of: Callable[[int], str],
     num_classes: int,
     seed: int,
+    reuse: bool = False,
 ) -> dict:
     """Chooses round `round_index` (queries after..after+need-1), or reads it when it was
     chosen before; writes it to the fake dataset before returning.
@@ -398,6 +400,8 @@ def select(
       arm_of: stream position -> its arm's name (for `adaptive`).
       num_classes: the label space.
       seed: the scout's initialisation.
+      reuse: take the round before's unchosen candidates over (the pool's newest, up to
+        the pool size less `need`) and warm-start the scout from the round before's.
 
     Returns:
       the whole selection ({"strategy", "rounds": [...]}); each round holds "after",
@@ -414,12 +418,12 @@ def select(
     every = np.array([labeled[k] for k in queries], np.int64)
     counts = np.bincount(every, minlength=num_classes)
     size = pool_size(need, max_pool)
-    carried = carried_over(rounds, size, need)
+    carried = carried_over(rounds, size, need) if reuse else []
     pool_start = rounds[-1]["pool_end"] if rounds else after
     record: dict = {"after": after}
     if strategy in SCOUTED:
         scout, images, trained_on, warm = _scout(
-            selection, queries, every, labeled, fetch, seed, after, num_classes, directory
+            selection, queries, every, labeled, fetch, seed, after, num_classes, directory, reuse
         )
         record["scout"] = {
             "model": "plain_cnn",
@@ -489,7 +493,7 @@ def select(
             "seconds": round(time.monotonic() - start, 1),
         }
     )
-    if strategy in SCOUTED:  # before the round is written: a resumed next round needs it
+    if reuse and strategy in SCOUTED:  # before the round is written: the next one needs it
         _save_scout(scout, directory, round_index)
         record["scout"]["saved"] = True
     rounds.append(record)
@@ -508,7 +512,7 @@ def _save_scout(scout, directory: str, round_index: int) -> None:
     os.replace(temp, path)
 
 
-def _scout(selection, queries, every, labeled, fetch, seed, after, num_classes, directory):
+def _scout(selection, queries, every, labeled, fetch, seed, after, num_classes, directory, reuse):
     """(the scout, its training images, their count) of a round: plain_cnn on a subset of
     the labels so far (scout_subset), the images of the positions their queries sent."""
     round_index = len(selection["rounds"])
@@ -526,7 +530,7 @@ def _scout(selection, queries, every, labeled, fetch, seed, after, num_classes, 
     # The round before's scout, saved with its round: none for round 0 and for rounds
     # chosen before warm starts existed (then this scout starts cold).
     warm = None
-    if round_index and _scouted(selection["rounds"][-1]):
+    if reuse and round_index and _scouted(selection["rounds"][-1]):
         warm = os.path.join(directory, SCOUT_WEIGHTS.format(round=round_index - 1))
         if not os.path.exists(warm):
             raise UserInputError(

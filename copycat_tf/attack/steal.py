@@ -67,6 +67,8 @@ class StealConfig:
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
         least the exploration).
+      selection_reuse: rounds reuse the round before's candidates and scout
+        (attack.selection.select).
     """
 
     target: str
@@ -92,6 +94,7 @@ class StealConfig:
     selection: str = Recipe.selection
     selection_pool: int = Recipe.selection_pool
     selection_round: int = Recipe.selection_round
+    selection_reuse: bool = Recipe.selection_reuse
 
 
 def _describe(cfg: StealConfig, mode: LabelMode):
@@ -140,6 +143,7 @@ def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prepar
         "label_mode": cfg.label_mode,
         "records_per_shard": cfg.records_per_shard,
         "selection": cfg.selection,  # "random" for manifests written before it existed
+        **({"selection_reuse": True} if cfg.selection_reuse else {}),
     }
 
 
@@ -393,6 +397,7 @@ def _select(
         arm_of,
         num_classes,
         cfg.seed,
+        reuse=cfg.selection_reuse,
     )
     if round_index and "scout_agreement" in selection["rounds"][round_index - 1]:
         logging.info(
