@@ -785,6 +785,10 @@ def test_selection_pool_carry_over_bandit_and_cache_units():
     assert [it.index for it in cache.get([2, 4, 1], compute)] == [2, 4, 1]
     assert computed == [1, 2, 3, 4, 4]  # 4 did not fit: computed again
     assert cache.nbytes <= cache.limit
+    cache.drop([1, 2, 9])
+    assert cache.nbytes == 64 + 100
+    assert [it.index for it in cache.get([3, 1], compute)] == [3, 1]
+    assert computed[-1:] == [1]  # dropped: computed again
 
 
 def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_path):

@@ -67,6 +67,8 @@ class Producer:
         of stream positions, arm name of a stream position, queries still needed) -> the
         selection (attack.selection.select). Items of sent queries and scored candidates
         are kept between rounds (attack.selection.ImageCache).
+      reuse: the selection takes unchosen candidates over to the next round (else they are
+        dropped from the cache once a round is chosen).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Producer:
         workers: int = 2,
         exploration: Exploration | None = None,
         select: Callable[..., dict] | None = None,
+        reuse: bool = False,
     ):
         self.stream = stream
         self.start_index = start
@@ -96,6 +99,7 @@ class Producer:
         self._chosen: dict | None = None  # the whole selection, with its choices
         self.rounds_begun = 0  # rounds whose queries are being produced
         self.cache = sel.ImageCache() if select is not None else None
+        self.reuse = reuse
         self._explored = False
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._stop = threading.Event()
@@ -199,6 +203,11 @@ class Producer:
         )
         current = selection["rounds"][self.rounds_begun]
         self.rounds_begun += 1
+        if not self.reuse:  # its unchosen fresh candidates will never be scored again
+            chosen = set(current["chosen"])
+            self.cache.drop(
+                p for p in range(current["pool_start"], current["pool_end"]) if p not in chosen
+            )
         self._chosen = selection  # a new record each round: the remap follows it
         self.stream.remap_from = selection["rounds"][0]["after"]
         self.stream.remap = functools.partial(sel.position, selection)

@@ -103,6 +103,14 @@ class ImageCache:
                 self.put(p, item)
         return [found[p] for p in positions]
 
+    def drop(self, positions) -> None:
+        """Forgets the items of positions no round will score or send again."""
+        with self._lock:
+            for p in positions:
+                item = self._items.pop(p, None)
+                if item is not None:
+                    self.nbytes -= 64 + (0 if item.image is None else item.image.nbytes)
+
     def put(self, position: int, item) -> None:
         size = 64 + (0 if item is None or item.image is None else item.image.nbytes)
         with self._lock:

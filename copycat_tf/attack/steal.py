@@ -258,6 +258,7 @@ class _StealRun:
             capacity=cfg.max_in_flight + 2,
             exploration=self.exploration,
             select=select,
+            reuse=cfg.selection_reuse,
         )
         self.monitor = StealMonitor(
             cfg.output_dir,
