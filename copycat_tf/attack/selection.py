@@ -36,8 +36,9 @@ on resume (nothing of it was sent).
 
 Memory: the pool's scores (pool x classes floats; x 128 features for kcenter) and the
 images of answered queries (and, with reuse, of unchosen candidates), kept between rounds
-in an `ImageCache` of at most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x224x3: ~7,000, past which
-images are computed again from their positions: slower, never different).
+in an `ImageCache` of at most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x224x3:
+~7,000, past which images are computed again from their positions: slower, never
+different).
 """
 
 from __future__ import annotations

@@ -412,7 +412,9 @@ class ServingCore:
         """One answered request: the access log, and the metrics when they are on."""
         log_access(api, method, info["model"], info["version"], info["batch"], status, start)
         if self.metrics is not None:
-            self.metrics.request(api, method, info["model"], status, time.monotonic() - start)
+            # A name no model has is counted as "-": clients cannot add label values.
+            model = info["model"] if info["model"] in self.store.model_names() else "-"
+            self.metrics.request(api, method, model, status, time.monotonic() - start)
 
 
 def batch_size(inputs: dict[str, np.ndarray]) -> int | None:

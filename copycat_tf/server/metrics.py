@@ -10,6 +10,8 @@ when keys are configured (a scraper sends `authorization: Bearer K`); TF Serving
 keys at all. Metrics (names after TF Serving's where it has one):
 
   :tensorflow:serving:request_count            requests per model, API, method, status
+                                               (model "-": a name no model has, so a
+                                               client cannot add series)
   :tensorflow:serving:request_latency_seconds  their latency (histogram)
   :tensorflow:serving:batching_session:batch_size   rows of each model call (histogram)
   :tensorflow:serving:batching_session:queue_depth  requests waiting for a model call
