@@ -373,7 +373,7 @@ def choose_adaptive(
             else np.inf
             for a in open_arms
         }
-        best = max(open_arms, key=lambda a: (ucb[a], -open_arms.index(a)))
+        best = max(open_arms, key=ucb.__getitem__)  # ties: the first arm by name
         taken.append(by_arm[best][next_row[best]])
         next_row[best] += 1
         stats[best]["chosen"] += 1
