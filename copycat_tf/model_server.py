@@ -137,6 +137,61 @@ flags.DEFINE_string(
     "none | top1 | topk:K | round:D | "
     "reverse_sigmoid:BETA,GAMMA | gaussian:SIGMA, applied to the scores.",
 )
+# The extraction detector (copycat_tf/server/detector.py), off by default.
+flags.DEFINE_string(
+    "detector",
+    "",
+    "Extraction detector signals, comma-separated: prada (Juuti et al. 2019: Shapiro-Wilk "
+    "test of each client's query distances), ood (share of a client's queries outside the "
+    "target's input distribution; needs --detector_calibration). Empty: off.",
+)
+flags.DEFINE_enum(
+    "detector_action",
+    "log",
+    ["log", "block", "degrade"],
+    "What a flagged client (API key, else address) gets: log (answers as before), block "
+    "(403 / PERMISSION_DENIED), degrade (answers through --detector_degrade).",
+)
+flags.DEFINE_float("detector_delta", 0.9, "prada flags a client when W falls below this.")
+flags.DEFINE_integer(
+    "detector_min_queries", 100, "Queries of a client before a signal may flag it.", lower_bound=3
+)
+flags.DEFINE_integer(
+    "detector_window",
+    5000,
+    "Last distances (prada) / out-of-distribution marks (ood) judged per client.",
+    lower_bound=3,
+)
+flags.DEFINE_integer(
+    "detector_max_set", 2048, "prada's stored queries per client (memory bound).", lower_bound=1
+)
+flags.DEFINE_string(
+    "detector_calibration",
+    "",
+    "ood: NPD spec of images the target expects, e.g. pd:fashion_mnist:train or "
+    "folder:<dir>; the model is fitted on first use.",
+)
+flags.DEFINE_integer(
+    "detector_calibration_size", 2000, "ood: calibration images used.", lower_bound=20
+)
+flags.DEFINE_float(
+    "detector_ood_quantile",
+    0.99,
+    "ood: a query is out when its distance exceeds this quantile of held-out calibration images.",
+)
+flags.DEFINE_float(
+    "detector_ood_share", 0.5, "ood flags a client when more of its window than this is out."
+)
+flags.DEFINE_integer(
+    "detector_max_clients", 256, "Clients tracked at once (least recent forgotten).", lower_bound=1
+)
+flags.DEFINE_string(
+    "detector_degrade",
+    "gaussian:0.5",
+    "The output defence (as --output_defense) a flagged client's answers go through with "
+    "--detector_action=degrade.",
+)
+flags.DEFINE_string("detector_data_dir", None, "Data directory of a pd: --detector_calibration.")
 # Chaos: a flaky, slow API to test an attack's retries and durability against.
 flags.DEFINE_float(
     "inject_failure_rate",

@@ -69,6 +69,11 @@ flags.DEFINE_list(
     list(SELECTION_STRATEGIES),
     "Strategies of the query-selection part (steal --selection), each against random order.",
 )
+flags.DEFINE_list(
+    "selection_full",
+    [],
+    "Strategies of the query-selection part also run at the full --query_budget.",
+)
 flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots from study.json.")
 # The reference attack (copycat_tf.recipe.Recipe); every row starts from it.
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
@@ -96,11 +101,15 @@ def main(argv):
             f"--budgets={FLAGS.budgets} / --selection_budgets={FLAGS.selection_budgets}: "
             "expected whole numbers"
         ) from e
-    bad = [s for s in FLAGS.selections if s not in SELECTIONS or s == "random"]
+    bad = [
+        s
+        for s in (*FLAGS.selections, *FLAGS.selection_full)
+        if s not in SELECTIONS or s == "random"
+    ]
     if bad:
         raise UserInputError(
-            f"--selections: unknown {bad}; valid: {', '.join(SELECTIONS[1:])} (random is the "
-            "reference every strategy is compared to)"
+            f"--selections / --selection_full: unknown {bad}; valid: "
+            f"{', '.join(SELECTIONS[1:])} (random is the reference every strategy is compared to)"
         )
     unknown = [p for p in FLAGS.parts if p not in PARTS]
     if unknown:
@@ -123,6 +132,7 @@ def main(argv):
             parts=tuple(FLAGS.parts),
             selection_budgets=selection_budgets,
             selections=tuple(FLAGS.selections),
+            selection_full=tuple(FLAGS.selection_full),
             command=" ".join(["python -m copycat_tf.study", *sys.argv[1:]]),
             render_only=FLAGS.render_only,
         ),

@@ -56,6 +56,36 @@ def test_plan_steals_and_trains_nothing_twice():
     assert by_run["labels_topk3"] == "label_modes"
 
 
+def test_selection_full_runs_a_strategy_at_the_recipe_budget_too():
+    settings = dict(
+        recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+        budgets=(500, 1000),
+        variant_budget=500,
+        data_free="shapes",
+        pd_budget=300,
+        pd_data="fashion_mnist",
+        parts=("selection",),
+        selections=("entropy", "kcenter"),
+    )
+    plan = build_plan(
+        PlanSettings(**settings, selection_budgets=(500,), selection_full=("kcenter",))
+    )
+    rows = [(row.label, row.run) for row in plan.rows]
+    assert rows == [
+        ("random order, 500 queries", "npd_500"),
+        ("`--selection=entropy`, 500 queries", "sel_entropy_500"),
+        ("`--selection=kcenter`, 500 queries", "sel_kcenter_500"),
+        ("random order, 1,000 queries", "npd_1k"),
+        ("`--selection=kcenter`, 1,000 queries", "sel_kcenter_1k"),
+    ]
+    assert plan.datasets["sel_kcenter_1k"].recipe.query_budget == 1000
+    # A budget already in the part is not planned twice.
+    again = build_plan(
+        PlanSettings(**settings, selection_budgets=(500, 1000), selection_full=("kcenter",))
+    )
+    assert [r.run for r in again.rows].count("sel_kcenter_1k") == 1
+
+
 def _run(**fields):
     return {
         "key": {"recipe": {"npd": "synthetic:noise", "epochs": 1}},

@@ -15,6 +15,7 @@ from copycat_tf.errors import UserInputError
 from copycat_tf.server.batching import BatchScheduler, parse_batching_parameters
 from copycat_tf.server.core import ACCESS_LOG, Gatekeeper, ServingCore, parse_api_keys_file
 from copycat_tf.server.defenses import OutputDefense, parse_defense
+from copycat_tf.server.detector import Detector, DetectorConfig, check_config, parse_signals
 from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
 from copycat_tf.server.metrics import MonitoringConfig, ServerMetrics, parse_monitoring_config
 from copycat_tf.server.model_store import ModelConfig, ModelStore, parse_model_config_file
@@ -55,6 +56,8 @@ class ServerConfig:
         Serving's enable_large_batch_splitting); off, they are refused.
       max_image_pixels: largest encoded image a *_bytes input may hold (pixels; 0: any).
       monitoring: Prometheus metrics on the REST port (--monitoring_config_file).
+      detector: the extraction detector (server.detector; off without signals).
+      data_dir: data directory of the detector's pd: calibration spec.
     """
 
     models: list[ModelConfig]
@@ -85,6 +88,8 @@ class ServerConfig:
     split_large_batches: bool = True
     max_image_pixels: int = 64_000_000
     monitoring: MonitoringConfig = dataclasses.field(default_factory=MonitoringConfig)
+    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
+    data_dir: str | None = None
 
 
 class ModelServer:
@@ -119,9 +124,16 @@ class ModelServer:
             max_image_pixels=config.max_image_pixels,
             metrics=ServerMetrics() if config.monitoring.enabled else None,
         )
-        if self.core.metrics is not None:
-            self.scheduler.on_model_call = self.core.metrics.model_call
-            self.core.metrics.queue_depth.set_function(self.scheduler.depth)
+        if config.detector.enabled:
+            self.core.detector = Detector(config.detector, config.data_dir)
+            self.core.degrade = parse_defense(config.detector.degrade)
+        metrics, detector = self.core.metrics, self.core.detector
+        if metrics is not None:
+            self.scheduler.on_model_call = metrics.model_call
+            metrics.queue_depth.set_function(self.scheduler.depth)
+            if detector is not None:
+                detector.on_flag = metrics.detector_flagged
+                metrics.detector_clients.set_function(detector.tracked)
         self._grpc = None
         self._rest: RestServer | None = None
         self.grpc_port = 0
@@ -237,6 +249,31 @@ def _monitoring(path: str, rest_api_port: int) -> MonitoringConfig:
     return config
 
 
+def _detector(values) -> DetectorConfig:
+    """The --detector* flags, checked."""
+    try:
+        cfg = DetectorConfig(
+            signals=parse_signals(values.detector),
+            action=values.detector_action,
+            delta=values.detector_delta,
+            min_queries=values.detector_min_queries,
+            window=values.detector_window,
+            max_set=values.detector_max_set,
+            calibration=values.detector_calibration,
+            calibration_size=values.detector_calibration_size,
+            ood_quantile=values.detector_ood_quantile,
+            ood_share=values.detector_ood_share,
+            max_clients=values.detector_max_clients,
+            degrade=values.detector_degrade,
+        )
+        if cfg.enabled:
+            check_config(cfg)
+            parse_defense(cfg.degrade)
+    except ValueError as e:
+        raise UserInputError(str(e).replace("--output_defense", "--detector_degrade")) from e
+    return cfg
+
+
 def server_config_from_flags(values) -> ServerConfig:
     """Builds a ServerConfig from model_server's flags, with one-line errors."""
     if values.model_config_file:
@@ -266,6 +303,7 @@ def server_config_from_flags(values) -> ServerConfig:
         "enable_large_batch_splitting": values.enable_large_batch_splitting,
     }
     monitoring = _monitoring(values.monitoring_config_file, values.rest_api_port)
+    detector = _detector(values)
     if values.batching_parameters_file:
         batching.update(_batching_parameters(values.batching_parameters_file))
     if not values.enable_batching:
@@ -319,4 +357,6 @@ def server_config_from_flags(values) -> ServerConfig:
         split_large_batches=batching["enable_large_batch_splitting"],
         max_image_pixels=values.max_image_pixels,
         monitoring=monitoring,
+        detector=detector,
+        data_dir=values.detector_data_dir,
     )

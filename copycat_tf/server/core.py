@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging as pylogging
 import threading
 import time
 import warnings
 from collections.abc import Mapping
+from typing import NoReturn
 
 import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
-from copycat_tf.contract import BYTES_SUFFIX, OUTPUT_SCORES, SERVING_DEFAULT
+from copycat_tf.contract import (
+    BYTES_SUFFIX,
+    INPUT_IMAGE_BYTES,
+    INPUT_IMAGES,
+    OUTPUT_CLASSES,
+    OUTPUT_SCORES,
+    SERVING_DEFAULT,
+)
 from copycat_tf.server import tensors
 from copycat_tf.server.batching import BatchScheduler
 from copycat_tf.server.defenses import OutputDefense
+from copycat_tf.server.detector import Detector
 from copycat_tf.server.metrics import ServerMetrics
 from copycat_tf.server.model_store import ModelStore, Servable, SignatureInfo
 from copycat_tf.server.status import ServingError, invalid
@@ -42,6 +52,15 @@ def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     return None
+
+
+def client_identity(headers: Mapping[str, str], client: str) -> str:
+    """Who a request comes from, for the detector: its API key (as a short hash, so logs
+    never show a key), else its address."""
+    key = api_key_from_headers(headers)
+    if not key:
+        return client
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 LOOPBACK = ("127.", "::1", "localhost", "unix:", "::ffff:127.")
@@ -234,6 +253,8 @@ class ServingCore:
     max_tensor_bytes: int = tensors.MAX_TENSOR_BYTES
     max_image_pixels: int = 0  # pixels of one encoded image in a *_bytes input (0: no limit)
     metrics: ServerMetrics | None = None  # Prometheus metrics (--monitoring_config_file)
+    detector: Detector | None = None  # extraction detector (--detector)
+    degrade: OutputDefense | None = None  # what a flagged client gets (--detector_action)
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
@@ -367,8 +388,17 @@ class ServingCore:
         inputs: dict[str, np.ndarray],
         outputs: list[str],
         timeout_s: float | None = None,
+        client: str = "",
     ) -> dict[str, np.ndarray]:
-        """Checks input dtypes and shapes, runs the model (batched), applies the defence."""
+        """Checks input dtypes and shapes, runs the model (batched), shows the request to
+        the detector, applies the defence.
+
+        Args:
+          client: the caller's identity (client_identity) for the detector.
+        """
+        detector = self.detector
+        if detector is not None and detector.cfg.action == "block" and detector.flagged(client):
+            self._refuse(batch_size(inputs) or 0)
         self._inject_faults()
         rows = batch_size(inputs) or 0
         chunk = self.max_request_batch if signature.batchable else 0
@@ -402,11 +432,33 @@ class ServingCore:
             result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         else:
             result = self.scheduler.run(servable, signature.name, inputs, timeout_s)
+        degrade = False
+        if detector is not None:  # judged before it is answered: a flagging request too
+            images = detector_images(servable, inputs)
+            if images is not None:
+                detector.observe(client, images, predicted_classes(result))
+            flagged = bool(detector.flagged(client))
+            if flagged and detector.cfg.action == "block":
+                self._refuse(rows)
+            degrade = flagged and detector.cfg.action == "degrade"
         with self._rng_lock:
+            if degrade and self.degrade is not None:
+                result = self.degrade.apply(result, self._rng)
             result = self.defense.apply(result, self._rng)
+        if degrade and self.metrics is not None:
+            self.metrics.detector_action("degrade", rows)
         if self.metrics is not None and self.defense.kind != "none":
             self.metrics.defended(servable.name, self.defense.kind, rows)
         return {k: result[k] for k in outputs}
+
+    def _refuse(self, rows: int) -> NoReturn:
+        """A flagged client's request under --detector_action=block."""
+        if self.metrics is not None:
+            self.metrics.detector_action("block", rows)
+        raise ServingError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "Refused: this client's queries were flagged as a model extraction attempt",
+        )
 
     def record(self, api: str, method: str, info: dict, status: str, start: float) -> None:
         """One answered request: the access log, and the metrics when they are on."""
@@ -415,6 +467,34 @@ class ServingCore:
             # A name no model has is counted as "-": clients cannot add label values.
             model = info["model"] if info["model"] in self.store.model_names() else "-"
             self.metrics.request(api, method, model, status, time.monotonic() - start)
+
+
+def predicted_classes(result: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's classes of one answer, before any defence."""
+    if OUTPUT_CLASSES in result:
+        return np.asarray(result[OUTPUT_CLASSES]).reshape(-1)
+    return np.asarray(result[OUTPUT_SCORES]).argmax(axis=-1).reshape(-1)
+
+
+def detector_images(servable: Servable, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The request's images as uint8 [N, H, W, C] (encoded ones decoded at the size of the
+    model's `images` input), None when the request holds no contract image input."""
+    images = inputs.get(INPUT_IMAGES)
+    if images is not None and images.ndim == 4:
+        return np.asarray(images, dtype=np.uint8)
+    encoded = inputs.get(INPUT_IMAGE_BYTES)
+    default = servable.signatures.get(SERVING_DEFAULT)
+    spec = default.inputs.get(INPUT_IMAGES) if default is not None else None
+    if encoded is None or spec is None or spec.shape is None or None in spec.shape[1:]:
+        return None
+    h, w, c = spec.shape[1:]
+    decoded = [
+        tf.image.resize(
+            tf.io.decode_image(data, channels=c, expand_animations=False), (h, w), "area"
+        )
+        for data in encoded.reshape(-1)
+    ]
+    return np.clip(np.round(np.stack(decoded)), 0, 255).astype(np.uint8)
 
 
 def batch_size(inputs: dict[str, np.ndarray]) -> int | None:

@@ -15,7 +15,7 @@ from tensorflow_serving.apis import (
 )
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, batch_size
+from copycat_tf.server.core import ServingCore, batch_size, client_identity
 from copycat_tf.server.model_store import configs_from_proto
 from copycat_tf.server.status import ServingError, invalid
 
@@ -154,7 +154,13 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
         info["batch"] = batch_size(inputs)
         outputs = self.core.check_output_filter(signature, list(request.output_filter))
         remaining = context.time_remaining()
-        result = self.core.run(servable, signature, inputs, outputs, timeout_s=remaining)
+        client = client_identity(
+            {k.lower(): v for k, v in context.invocation_metadata() or ()},
+            peer_address(context.peer()),
+        )
+        result = self.core.run(
+            servable, signature, inputs, outputs, timeout_s=remaining, client=client
+        )
         response = predict_pb2.PredictResponse()
         response.model_spec.name = name
         response.model_spec.version.value = servable.version

@@ -16,6 +16,9 @@ keys at all. Metrics (names after TF Serving's where it has one):
   :tensorflow:serving:batching_session:batch_size   rows of each model call (histogram)
   :tensorflow:serving:batching_session:queue_depth  requests waiting for a model call
   :copycat:serving:defended_rows               rows answered through an --output_defense
+  :copycat:serving:detector_flagged_clients    clients the --detector flagged, per signal
+  :copycat:serving:detector_action_rows        flagged clients' rows refused / degraded
+  :copycat:serving:detector_tracked_clients    clients the detector keeps state for
 
 Each server keeps its own registry: two servers in one process do not share counts.
 """
@@ -133,6 +136,24 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self._flagged = Counter(
+            ":copycat:serving:detector_flagged_clients",
+            "Clients the extraction detector flagged, per signal.",
+            ("signal",),
+            registry=self.registry,
+        )
+        self._actions = Counter(
+            ":copycat:serving:detector_action_rows",
+            "Rows of flagged clients refused (block) or answered degraded (degrade).",
+            ("action",),
+            registry=self.registry,
+        )
+        self.detector_clients = Gauge(
+            ":copycat:serving:detector_tracked_clients",
+            "Clients the extraction detector keeps state for.",
+            registry=self.registry,
+        )
+
     def request(self, api: str, method: str, model: str, status: str, seconds: float) -> None:
         values = (model or "-", api.upper(), method, status)
         self._requests.labels(*values).inc()
@@ -143,6 +164,12 @@ class ServerMetrics:
 
     def defended(self, model: str, defense: str, rows: int) -> None:
         self._defended.labels(model, defense).inc(rows)
+
+    def detector_flagged(self, signal: str) -> None:
+        self._flagged.labels(signal).inc()
+
+    def detector_action(self, action: str, rows: int) -> None:
+        self._actions.labels(action).inc(rows)
 
     def render(self) -> tuple[bytes, str]:
         """(the Prometheus text exposition, its content type)."""

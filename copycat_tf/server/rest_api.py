@@ -29,7 +29,7 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import model_pb2
 
 from copycat_tf.server import tensors
-from copycat_tf.server.core import ServingCore, batch_size
+from copycat_tf.server.core import ServingCore, batch_size, client_identity
 from copycat_tf.server.metrics import DEFAULT_PATH as DEFAULT_METRICS_PATH
 from copycat_tf.server.status import ServingError, invalid
 
@@ -206,7 +206,12 @@ class _Routes:
             inputs, row_format = tensors.request_inputs(request, signature, exact)
         info["batch"] = batch_size(inputs)
         outputs = core.run(
-            servable, signature, inputs, core.visible_outputs(signature), timeout_s=self.timeout_s
+            servable,
+            signature,
+            inputs,
+            core.visible_outputs(signature),
+            timeout_s=self.timeout_s,
+            client=info.get("client", ""),
         )
         return tensors.predict_response_json(outputs, row_format).encode()
 
@@ -344,6 +349,7 @@ class RestServer:
             # The key first, from the headers alone: nothing else is read for a stranger.
             headers = {k.lower(): v for k, v in request.headers.items()}
             self.core.admit(headers, request.remote or "")
+            info["client"] = client_identity(headers, request.remote or "")
             body = await asyncio.wait_for(_read_body(request, self.max_body), self.timeout_s)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(

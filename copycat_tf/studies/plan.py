@@ -173,6 +173,8 @@ class PlanSettings:
       selection_budgets: query budgets of the selection part (each strategy against the
         random order at the same budget).
       selections: the strategies of the selection part.
+      selection_full: strategies of the selection part also run at the recipe's budget
+        (against the reference steal's random order).
     """
 
     recipe: Recipe
@@ -184,6 +186,7 @@ class PlanSettings:
     parts: tuple[str, ...]
     selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
     selections: tuple[str, ...] = SELECTION_STRATEGIES
+    selection_full: tuple[str, ...] = ()
 
 
 def _k(n: int) -> str:
@@ -264,9 +267,14 @@ def build_plan(s: PlanSettings) -> Plan:
                 run = RunSpec(f"balance_{mode}", natural, recipe, max_records=budget)
                 plan.row("balance", f"balance={mode}", plan.run(run))
     if "selection" in s.parts:
-        for n in sorted(s.selection_budgets):
+        strategies = {n: list(s.selections) for n in s.selection_budgets}
+        for name in s.selection_full:
+            strategies.setdefault(budget, [])
+            if name not in strategies[budget]:
+                strategies[budget].append(name)
+        for n in sorted(strategies):
             plan.row("selection", f"random order, {n:,} queries", npd_run(n))
-            for name in s.selections:
+            for name in strategies[n]:
                 recipe = dataclasses.replace(base, query_budget=n, selection=name)
                 label = f"`--selection={name}`, {n:,} queries"
                 variant("selection", "sel", f"{name}_{_k(n)}", label, recipe)

@@ -55,6 +55,7 @@ class StudyConfig:
       pd_budget: target-labelled PD images of the NPD+PD and PD-only rows.
       parts: which parts to run (studies.plan.PARTS).
       selection_budgets, selections: the selection part's budgets and strategies.
+      selection_full: strategies also run at the recipe's budget.
       command: the exact command line, recorded in RESULTS.md.
       render_only: only regenerate RESULTS.md and the plots from study.json.
     """
@@ -75,6 +76,7 @@ class StudyConfig:
     parts: tuple[str, ...] = tuple(PARTS)
     selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
     selections: tuple[str, ...] = SELECTION_STRATEGIES
+    selection_full: tuple[str, ...] = ()
     command: str = ""
     render_only: bool = False
 
@@ -301,6 +303,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
             parts=tuple(cfg.parts),
             selection_budgets=tuple(cfg.selection_budgets),
             selections=tuple(cfg.selections),
+            selection_full=tuple(cfg.selection_full),
         )
     )
     os.makedirs(cfg.results_dir, exist_ok=True)
