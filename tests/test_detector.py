@@ -267,3 +267,92 @@ def test_detector_bad_flag_from_the_command_line():
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and "--detector_calibration" in lines[0], proc.stderr
+
+
+def _flagfile(name: str, **replace) -> list[str]:
+    """The flags of an experiment flagfile, some replaced (None: dropped)."""
+    from cli_util import REPO
+
+    out = []
+    with open(f"{REPO}/experiments/fashion_mnist/{name}") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key = line[2:].split("=", 1)[0]
+            if key in replace:
+                if replace[key] is None:
+                    continue
+                line = f"--{key}={replace[key]}"
+            out.append(line)
+    return out
+
+
+def test_cloud_api_emulation_end_to_end(tmp_path, tiny_export):
+    """The experiment's commercial-API flagfiles on a tiny model: REST only, an API key, a
+    rate limit, top-1 answers and the detector; the attack goes through the generic JSON
+    client one PNG per request, spends its budget exactly, and the detector catches it."""
+    import json
+
+    import tensorflow as tf
+    from cli_util import REPO, run_verb
+    from prometheus_client.parser import text_string_to_metric_families
+    from server_util import ServerProcess
+
+    keys = tmp_path / "keys"
+    keys.write_text("cloud-key-1\n")
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i, image in enumerate(_pattern_images(60, seed=5, size=16)[0]):
+        (calibration / f"{i:02d}.png").write_bytes(tf.io.encode_png(image).numpy())
+    server_flags = _flagfile(
+        "cloud_api_server.flags",
+        rest_api_port=None,
+        model_name="m",
+        model_base_path=tiny_export[0],
+        api_keys_file=keys,
+        detector_calibration=f"folder:{calibration}",
+        monitoring_config_file=f"{REPO}/experiments/fashion_mnist/monitoring.config",
+    )
+    assert "--output_defense=top1" in server_flags and "--port=0" in server_flags
+    with ServerProcess(*server_flags, model="m", api_key="cloud-key-1") as server:
+        proc = run_verb(
+            "steal",
+            f"--flagfile={REPO}/experiments/fashion_mnist/cloud_api.flags",
+            f"--target=json+http://127.0.0.1:{server.rest_port}/v1/models/m:predict",
+            "--input_shape=16x16x1",
+            "--num_classes=3",
+            f"--api_key_file={keys}",
+            "--npd=synthetic:noise",
+            f"--output_dir={tmp_path / 'fake'}",
+            "--query_budget=150",
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = requests.get(
+            f"{server.rest}/monitoring/prometheus/metrics",
+            headers={"x-api-key": "cloud-key-1"},
+            timeout=30,
+        ).text
+        log = server.log()
+    manifest = json.loads((tmp_path / "fake" / "manifest.json").read_text())
+    assert manifest["records"] == 150 and manifest["status"] == "complete"
+    assert "cloud-key-1" not in json.dumps(manifest)
+    assert "flagged by ood" in log and "cloud-key-1" not in log
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    answered = (
+        ":tensorflow:serving:request_count_total",
+        (("entrypoint", "REST"), ("method", "POST"), ("model_name", "m"), ("status", "200")),
+    )
+    assert samples[answered] == 150  # one image per request, none paid twice
+    assert samples[(":copycat:serving:detector_flagged_clients_total", (("signal", "ood"),))] == 1
+    assert (
+        samples[
+            (":copycat:serving:defended_rows_total", (("defense", "top1"), ("model_name", "m")))
+        ]
+        == 150
+    )

@@ -211,6 +211,16 @@ class _StealRun:
             cfg.selection_pool,
         )
         self.client, self.info, num_classes = _describe(cfg, self.mode)
+        batch_size = cfg.query_batch_size
+        if 0 < self.info.max_batch_size < batch_size:
+            batch_size = self.info.max_batch_size
+            logging.info(
+                "target %s takes %d image(s) per request: batches of %d (each paid request "
+                "journaled on its own, --max_qps counts requests)",
+                cfg.target,
+                batch_size,
+                batch_size,
+            )
         stream = NpdStream(
             cfg.npd,
             self.info.input_shape,
@@ -254,7 +264,7 @@ class _StealRun:
             writer.next_index,
             set(writer.settled),
             max(cfg.query_budget - writer.spent, 0),
-            cfg.query_batch_size,
+            batch_size,
             capacity=cfg.max_in_flight + 2,
             exploration=self.exploration,
             select=select,
@@ -266,7 +276,7 @@ class _StealRun:
             writer.spent,
             self.labels,
             cfg.progress,
-            summary_every=max(cfg.query_batch_size, cfg.query_budget // 100),
+            summary_every=max(batch_size, cfg.query_budget // 100),
         )
         self.skew = _SkewCheck(
             self.labels, min(cfg.skew_check_after, max(1, cfg.query_budget // 2))

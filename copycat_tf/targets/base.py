@@ -36,6 +36,9 @@ class TargetInfo:
       num_classes: number of classes it distinguishes (0: not published).
       has_scores: whether answers include a score vector (None: unknown until answered).
       details: transport-specific facts recorded in the manifest (model, version, ...).
+      max_batch_size: images one request may carry (0: any); an API that takes one image
+        per request gets batches of one, so each paid request is journaled on its own and
+        --max_qps counts requests.
     """
 
     url: str
@@ -43,6 +46,7 @@ class TargetInfo:
     num_classes: int
     has_scores: bool | None
     details: dict = dataclasses.field(default_factory=dict)
+    max_batch_size: int = 0
 
 
 @dataclasses.dataclass

@@ -125,6 +125,7 @@ class JsonHttpTarget(Target):
                 "batched": self._batch,
                 "headers": sorted(self._headers),
             },  # names only, never values
+            max_batch_size=0 if self._batch else 1,
         )
 
     def _post(self, body: bytes, content_type: str, timeout_s: float):
