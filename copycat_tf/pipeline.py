@@ -68,7 +68,7 @@ def ensure_target(
 
 @contextlib.contextmanager
 def served(
-    model_base_path: str, model_name: str, log_path: str, *server_flags: str
+    model_base_path: str, model_name: str, log_path: str, *server_flags: str, api_key=None
 ) -> Iterator[Served]:
     """Serves <model_base_path>/<model_name> with the embedded server (a child process on
     free localhost ports) for the duration of the block.
@@ -81,6 +81,7 @@ def served(
       model_name: the model to serve.
       log_path: where the server's log goes.
       *server_flags: more model_server flags (e.g. --output_defense=top1).
+      api_key: the key the readiness check sends (a server with --api_keys_file).
     """
     from copycat_tf.server.process import ServerProcess
 
@@ -92,6 +93,7 @@ def served(
         *server_flags,
         model=model_name,
         stderr_path=log_path,
+        api_key=api_key,
     )
     try:
         server.start()

@@ -74,6 +74,12 @@ flags.DEFINE_list(
     [],
     "Strategies of the query-selection part also run at the full --query_budget.",
 )
+flags.DEFINE_integer(
+    "detector_benign_images",
+    10_000,
+    "Problem-domain test images the detector part's 10 benign clients share.",
+    lower_bound=10,
+)
 flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots from study.json.")
 # The reference attack (copycat_tf.recipe.Recipe); every row starts from it.
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
@@ -133,6 +139,7 @@ def main(argv):
             selection_budgets=selection_budgets,
             selections=tuple(FLAGS.selections),
             selection_full=tuple(FLAGS.selection_full),
+            detector_benign_images=FLAGS.detector_benign_images,
             command=" ".join(["python -m copycat_tf.study", *sys.argv[1:]]),
             render_only=FLAGS.render_only,
         ),

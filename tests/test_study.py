@@ -49,8 +49,10 @@ def test_plan_steals_and_trains_nothing_twice():
     assert plan.runs["npd_pd"].pd_dataset == "pd"
     assert {"balance_resample", "balance_none"} <= set(plan.runs)
     assert len(plan.runs) == len(set(plan.runs))
-    # Every row is filed under the part that planned it (the report's sections).
-    assert {row.group for row in plan.rows} == set(PARTS)
+    # Every row is filed under the part that planned it (the report's sections); the
+    # detector part trains nothing: it has no rows (studies.detection).
+    assert {row.group for row in plan.rows} == set(PARTS) - {"detector"}
+    assert plan.runs["copycat_augment"].recipe.augment == "flip_translate"
     by_run = {row.run: row.group for row in plan.rows}
     assert by_run["prep_white"] == "preparation" and by_run["gen_mix"] == "generators"
     assert by_run["labels_topk3"] == "label_modes"
@@ -188,7 +190,8 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "--epochs=1",
         "--finetune_epochs=1",
         "--target_epochs=2",
-        "--parts=table,budget,balance",
+        "--parts=table,budget,balance,detector",
+        "--detector_benign_images=40",
         "--name=tiny",
     ]
     proc = run_verb("study", *flags, timeout=900)
@@ -211,6 +214,14 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         assert f"## {title}" in text
     assert "--query_budget=200" in text and "Machine: " in text
     assert (out / "budget_curve.png").exists()
+    # The detector part: every source one client of a detecting server, per signal.
+    clients = {c["name"]: c for c in study["detector"]["clients"]}
+    assert list(clients) == ["natural", "noise", *(f"benign_{i}" for i in range(10))]
+    assert clients["natural"]["queries"] == 200 and clients["benign_3"]["queries"] == 4
+    assert clients["noise"]["ood"] == 200  # flagged by its first (and only) request
+    assert not any(clients[f"benign_{i}"][s] for i in range(10) for s in ("prada", "ood"))
+    assert "## Extraction detector" in text and "false positives 0 of 10" in text
+    assert (out / "detector.png").read_bytes().startswith(b"\x89PNG")
     work = tmp_path / "work"
     assert (work / "flags.txt").exists() and (work / "config.json").exists()
     # The same command again measures nothing new and writes the same bytes.

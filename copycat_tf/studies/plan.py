@@ -30,6 +30,7 @@ PARTS = {
     "balance": "Class balancing",
     "copycat": "Copycat recipes: accuracy against training time",
     "selection": "Query selection: rounds chosen by a scout copycat, against random order",
+    "detector": "Extraction detector: queries until a client is flagged",
 }
 
 
@@ -39,7 +40,8 @@ SELECTION_BUDGETS = (5000, 10000)
 
 
 def copycat_variants(base: Recipe) -> tuple:
-    """Cheaper copycat trainings than the recipe's, on the same stolen labels."""
+    """Other copycat trainings than the recipe's (cheaper ones, augmentation), on the same
+    stolen labels."""
     half = max(1, base.epochs // 2)
     return (
         ("plain", "`plain_cnn`", {"model": "plain_cnn"}),
@@ -48,6 +50,11 @@ def copycat_variants(base: Recipe) -> tuple:
             "fastest",
             f"`plain_cnn`, balance=resample, {half} epochs",
             {"model": "plain_cnn", "balance": "resample", "epochs": half},
+        ),
+        (
+            "augment",
+            "on-the-fly augmentation of the stolen images (`flip_translate`)",
+            {"augment": "flip_translate"},
         ),
     )
 

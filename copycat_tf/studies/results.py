@@ -16,6 +16,7 @@ RESULTS_MD = "RESULTS.md"
 PREFACE_MD = "PREFACE.md"
 BUDGET_PLOT = "budget_curve.png"
 SELECTION_PLOT = "selection_curve.png"
+DETECTOR_PLOT = "detector.png"
 HEADER = [
     "copycat",
     "queries",
@@ -248,6 +249,72 @@ def _totals(study: dict) -> str:
     )
 
 
+def _detected(client: dict, signal: str) -> str:
+    at = client.get(signal, 0)
+    return f"after {at:,}" if at else "no"
+
+
+def _detector_section(detector: dict) -> list[str]:
+    """The detector part: per client and signal, whether and when it was flagged."""
+    clients = detector["clients"]
+    signals = detector["signals"]
+    rows = [[c["label"], f"{c['queries']:,}", *(_detected(c, s) for s in signals)] for c in clients]
+    benign = [c for c in clients if c["benign"]]
+    false_pos = {s: sum(1 for c in benign if c.get(s)) for s in signals}
+    attacks = [c for c in clients if not c["benign"]]
+    caught = {s: sum(1 for c in attacks if c.get(s)) for s in signals}
+    summary = "; ".join(
+        f"`{s}`: {caught[s]} of {len(attacks)} attack sources flagged, false positives "
+        f"{false_pos[s]} of {len(benign)} benign clients"
+        for s in signals
+    )
+    return [
+        f"Each source is one client (its own API key) sending its queries over gRPC in "
+        f"requests of {detector['batch_size']}, in the order they were sent; once to a "
+        f"server with `--detector=prada`, once with `--detector=ood`; "
+        f"{detector['settings']}.",
+        "",
+        markdown_table(
+            ["client", "queries sent", *(f"flagged by `{s}` (queries)" for s in signals)], rows
+        ),
+        "",
+        summary + ".",
+        "",
+        f"![queries until detection]({DETECTOR_PLOT})",
+        "",
+    ]
+
+
+def detector_figure(detector: dict, title: str):
+    """Queries until each client was flagged, per signal (never: its queries sent, pale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = detector["clients"]
+    signals = detector["signals"]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(clients) * len(signals) + 1.5))
+    height = 0.8 / len(signals)
+    for j, signal in enumerate(signals):
+        ys = [i + j * height for i in range(len(clients))]
+        values = [c.get(signal) or c["queries"] for c in clients]
+        alpha = [1.0 if c.get(signal) else 0.25 for c in clients]
+        colour = f"C{j}"
+        for y, v, a in zip(ys, values, alpha, strict=True):
+            ax.barh(y, v, height=height, color=colour, alpha=a)
+        ax.barh([], [], color=colour, label=f"{signal} (pale: never flagged)")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(clients))])
+    ax.set_yticklabels([c["label"][:48] for c in clients], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("queries until flagged (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def render(study: dict, preface: str = "") -> str:
     """RESULTS.md of a study record."""
     name = study.get("name", "study")
@@ -307,7 +374,7 @@ def render(study: dict, preface: str = "") -> str:
     for group in study.get("parts", []):
         members = _group_rows(study, group)
         pending = _pending_rows(study, group)
-        if not members and not pending:
+        if not members and not pending and group != "detector":
             continue
         out += [f"## {PARTS.get(group, group)}", ""]
         if members:
@@ -315,6 +382,10 @@ def render(study: dict, preface: str = "") -> str:
                 run_cells(label, run) for label, run in members
             ]
             out += [markdown_table(HEADER, rows), ""]
+        if group == "detector":
+            detector = study.get("detector")
+            out += _detector_section(detector) if detector else ["Not measured yet.", ""]
+            continue
         if pending:
             out += [
                 "Not measured yet (the command above resumes here): " + "; ".join(pending) + ".",
@@ -347,4 +418,9 @@ def write_results(results_dir: str, study: dict) -> None:
             selection, f"{study.get('name', '')}: chosen queries against random order"
         )
         viz.save_figure(figure, os.path.join(results_dir, SELECTION_PLOT))
+    if study.get("detector"):
+        figure = detector_figure(
+            study["detector"], f"{study.get('name', '')}: when the detector flags a client"
+        )
+        viz.save_figure(figure, os.path.join(results_dir, DETECTOR_PLOT))
     atomic_write_bytes(os.path.join(results_dir, RESULTS_MD), render(study, preface).encode())

@@ -20,7 +20,7 @@ from absl import logging
 
 from copycat_tf import pipeline
 from copycat_tf.recipe import Recipe, TargetRecipe
-from copycat_tf.studies import results
+from copycat_tf.studies import detection, results
 from copycat_tf.studies.plan import (
     PARTS,
     SELECTION_BUDGETS,
@@ -56,6 +56,8 @@ class StudyConfig:
       parts: which parts to run (studies.plan.PARTS).
       selection_budgets, selections: the selection part's budgets and strategies.
       selection_full: strategies also run at the recipe's budget.
+      detector_benign_images: problem-domain test images the detector part's benign
+        clients share.
       command: the exact command line, recorded in RESULTS.md.
       render_only: only regenerate RESULTS.md and the plots from study.json.
     """
@@ -77,6 +79,7 @@ class StudyConfig:
     selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
     selections: tuple[str, ...] = SELECTION_STRATEGIES
     selection_full: tuple[str, ...] = ()
+    detector_benign_images: int = 10_000
     command: str = ""
     render_only: bool = False
 
@@ -220,6 +223,26 @@ class _Study:
                 shutil.copytree(source, stage)
                 return
 
+    def detector_due(self, traffic) -> bool:
+        recorded = self.study.get("detector") or {}
+        return recorded.get("key") != detection.traffic_key(
+            traffic, self.cfg.recipe.query_batch_size
+        )
+
+    def detection(self, traffic, model_base_path: str, model_name: str) -> None:
+        """The detector part (studies.detection), after the datasets it replays."""
+        record = detection.run_detection(
+            traffic,
+            model_base_path,
+            model_name,
+            self.cfg.workdir,
+            self.cfg.pd_data,
+            self.cfg.recipe.query_batch_size,
+            self.cfg.data_dir,
+        )
+        self.study["detector"] = self._measured(record)
+        self.save()
+
     def run(self, name: str, url: str, class_names: list[str]) -> None:
         """Trains and evaluates a copycat (stealing its datasets first when needed)."""
         spec = self.plan.runs[name]
@@ -317,7 +340,13 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
         cfg.workdir, {"verb": "study", "name": cfg.name, "pd_data": cfg.pd_data}, flags_text
     )
     todo = [run for run in plan.runs if not runner.done(run)]
-    if not todo and study.get("target"):
+    traffic = []
+    if "detector" in cfg.parts:
+        traffic = detection.plan_traffic(
+            plan, cfg.recipe.query_budget, cfg.pd_data, cfg.detector_benign_images
+        )
+    detector_due = bool(traffic) and runner.detector_due(traffic)
+    if not todo and not detector_due and study.get("target"):
         runner.save()  # everything measured: RESULTS.md from study.json alone
         return study
     target = pipeline.ensure_target(
@@ -332,5 +361,10 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     with pipeline.served(base, name, os.path.join(cfg.workdir, "model_server.log")) as server:
         for run in todo:
             runner.run(run, server.grpc_url, target["class_names"])
+        if detector_due:
+            for dataset in sorted({t.dataset for t in traffic if t.dataset}):
+                runner.dataset(dataset, server.grpc_url)
+    if detector_due:
+        runner.detection(traffic, base, name)
     runner.save()
     return study
