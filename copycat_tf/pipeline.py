@@ -119,8 +119,11 @@ def steal(
     data_dir: str | None = None,
     progress: bool = False,
     target_options: dict | None = None,
+    num_classes: int = 0,
 ) -> dict:
-    """Steals labels from `target_url` as the recipe says; returns the manifest."""
+    """Steals labels from `target_url` as the recipe says; returns the manifest.
+    `num_classes` is the label space of a target whose answers carry no scores (0: from
+    its metadata)."""
     from copycat_tf.attack.steal import StealConfig
     from copycat_tf.attack.steal import steal as run_steal
     from copycat_tf.data.preparation import Preparation
@@ -144,6 +147,7 @@ def steal(
             npd_data_dir=data_dir,
             target_options=target_options or {},
             progress=progress,
+            num_classes=num_classes,
         )
     )
 

@@ -19,7 +19,7 @@ from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.recipe import Recipe, TargetRecipe
-from copycat_tf.studies.plan import PARTS, SELECTION_BUDGETS, SELECTION_STRATEGIES
+from copycat_tf.studies.plan import DEFENCES, PARTS, SELECTION_BUDGETS, SELECTION_STRATEGIES
 
 RECIPE = Recipe()
 flags.DEFINE_string("name", "fashion_mnist", "The study's name (titles).")
@@ -80,6 +80,14 @@ flags.DEFINE_integer(
     "Problem-domain test images the detector part's 10 benign clients share.",
     lower_bound=10,
 )
+flags.DEFINE_list(
+    "defences",
+    list(DEFENCES),
+    "Served output defences of the defences part (model_server --output_defense specs).",
+)
+flags.DEFINE_integer(
+    "defence_budget", 0, "Query budget of the defences part (0: --query_budget).", lower_bound=0
+)
 flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots from study.json.")
 # The reference attack (copycat_tf.recipe.Recipe); every row starts from it.
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
@@ -120,6 +128,13 @@ def main(argv):
     unknown = [p for p in FLAGS.parts if p not in PARTS]
     if unknown:
         raise UserInputError(f"--parts: unknown {unknown}; valid: {', '.join(PARTS)}")
+    from copycat_tf.server.defenses import parse_defense
+
+    for spec in FLAGS.defences:
+        try:
+            parse_defense(spec)
+        except ValueError as e:
+            raise UserInputError(str(e).replace("--output_defense", "--defences")) from e
     run_study(
         StudyConfig(
             name=FLAGS.name,
@@ -140,6 +155,8 @@ def main(argv):
             selections=tuple(FLAGS.selections),
             selection_full=tuple(FLAGS.selection_full),
             detector_benign_images=FLAGS.detector_benign_images,
+            defences=tuple(FLAGS.defences),
+            defence_budget=FLAGS.defence_budget,
             command=" ".join(["python -m copycat_tf.study", *sys.argv[1:]]),
             render_only=FLAGS.render_only,
         ),

@@ -253,6 +253,10 @@ def test_detector_bad_flags_are_one_line_errors():
         ({"detector": "prada", "detector_delta": 1.5}, "--detector_delta=1.5"),
         ({"detector": "prada", "detector_degrade": "blur"}, "--detector_degrade='blur'"),
         ({"detector": "prada", "detector_window": 10}, "min_queries <= window"),
+        (
+            {"detector": "ood", "detector_calibration": "folder:/nonexistent/dir"},
+            "--detector_calibration='folder:/nonexistent/dir'",
+        ),
     ):
         values = types.SimpleNamespace(**{**defaults, **flags})
         with pytest.raises(UserInputError, match=re.escape(fragment)):

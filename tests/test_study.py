@@ -35,6 +35,7 @@ def test_plan_steals_and_trains_nothing_twice():
         "balance",
         "copycat",
         "selection",
+        "defences",
     }
     # Comparisons at the variant budget share the reference recipe's first 500 queries.
     small = {row.group for row in plan.rows if row.run == "npd_500"}
@@ -53,6 +54,12 @@ def test_plan_steals_and_trains_nothing_twice():
     # detector part trains nothing: it has no rows (studies.detection).
     assert {row.group for row in plan.rows} == set(PARTS) - {"detector"}
     assert plan.runs["copycat_augment"].recipe.augment == "flip_translate"
+    # Defences: each served defence x label mode its own steal; top1 answers carry no
+    # scores; the undefended hard-label row is the reference's first queries.
+    assert plan.datasets["def_top1_hard_1k"].defense == "top1"
+    assert "def_top1_scores_1k" not in plan.datasets
+    assert plan.datasets["def_reverse_sigmoid_0_7_0_4_scores_1k"].recipe.label_mode == "scores"
+    assert next(r.run for r in plan.rows if r.group == "defences") == "npd_1k"
     by_run = {row.run: row.group for row in plan.rows}
     assert by_run["prep_white"] == "preparation" and by_run["gen_mix"] == "generators"
     assert by_run["labels_topk3"] == "label_modes"
@@ -190,8 +197,10 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "--epochs=1",
         "--finetune_epochs=1",
         "--target_epochs=2",
-        "--parts=table,budget,balance,detector",
+        "--parts=table,budget,balance,defences,detector",
         "--detector_benign_images=40",
+        "--defences=top1,gaussian:0.3",
+        "--defence_budget=100",
         "--name=tiny",
     ]
     proc = run_verb("study", *flags, timeout=900)
@@ -205,6 +214,10 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "pd_only",
         "balance_resample",
         "balance_none",
+        "def_top1_hard_100",
+        "def_gaussian_0_3_hard_100",
+        "def_gaussian_0_3_scores_100",
+        "def_gaussian_0_3_topk_3_100",
     }
     assert study["datasets"]["natural"]["queries_spent"] == 200
     assert study["datasets"]["pd"]["queries_spent"] == 60
@@ -214,6 +227,18 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         assert f"## {title}" in text
     assert "--query_budget=200" in text and "Machine: " in text
     assert (out / "budget_curve.png").exists()
+    # The defences part: a steal per served defence and label mode, the defender's cost.
+    defended = {row["run"] for row in study["rows"] if row["group"] == "defences"}
+    assert defended == {
+        "def_top1_hard_100",
+        "def_gaussian_0_3_hard_100",
+        "def_gaussian_0_3_scores_100",
+        "def_gaussian_0_3_topk_3_100",
+    }
+    assert study["datasets"]["def_top1_hard_100"]["queries_spent"] == 100
+    assert set(study["defence_costs"]) == {"top1", "gaussian:0.3"}
+    assert study["defence_costs"]["top1"]["agreement"] == 1.0  # top-1 answers stay exact
+    assert "The defender's cost" in text and (out / "defences.png").exists()
     # The detector part: every source one client of a detecting server, per signal.
     clients = {c["name"]: c for c in study["detector"]["clients"]}
     assert list(clients) == ["natural", "noise", *(f"benign_{i}" for i in range(10))]
@@ -247,6 +272,14 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     assert not same_key(recorded, chosen)
     recorded["recipe"]["epochs"] = 3  # a real difference still counts
     assert not same_key(recorded, spec)
+    # A spec field added since (a dataset's served defence), at its default, too.
+    from copycat_tf.studies.plan import DatasetSpec
+
+    data = DatasetSpec("natural", Recipe(query_budget=1000))
+    recorded = _key(data)
+    del recorded["defense"]
+    assert same_key(recorded, data)
+    assert not same_key(recorded, DatasetSpec("natural", Recipe(query_budget=1000), "top1"))
 
 
 def test_datasets_table_is_in_name_order_however_the_study_was_filled():

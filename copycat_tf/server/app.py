@@ -271,6 +271,13 @@ def _detector(values) -> DetectorConfig:
             parse_defense(cfg.degrade)
     except ValueError as e:
         raise UserInputError(str(e).replace("--output_defense", "--detector_degrade")) from e
+    if "ood" in cfg.signals:  # a bad calibration spec fails now, not at the first request
+        from copycat_tf.data.npd import parse_npd_spec
+
+        try:
+            parse_npd_spec(cfg.calibration, 0, values.detector_data_dir)
+        except UserInputError as e:
+            raise UserInputError(f"--detector_calibration={cfg.calibration!r}: {e}") from e
     return cfg
 
 

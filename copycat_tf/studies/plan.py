@@ -30,8 +30,23 @@ PARTS = {
     "balance": "Class balancing",
     "copycat": "Copycat recipes: accuracy against training time",
     "selection": "Query selection: rounds chosen by a scout copycat, against random order",
+    "defences": "Output defences: the copy against each served defence and label mode",
     "detector": "Extraction detector: queries until a client is flagged",
 }
+
+# The defences part's served output defences (model_server --output_defense): reverse
+# sigmoid with Lee et al.'s (2019) beta=0.7, gamma=0.4 and a stronger one.
+DEFENCES = (
+    "none",
+    "top1",
+    "topk:3",
+    "round:1",
+    "reverse_sigmoid:0.7,0.4",
+    "reverse_sigmoid:1.0,0.2",
+    "gaussian:0.1",
+    "gaussian:0.3",
+)
+DEFENCE_LABEL_MODES = ("hard", "scores", "topk:3")
 
 
 # The selection part's defaults: strategies (each against random order) and budgets.
@@ -92,10 +107,12 @@ PREPARATION_VARIANTS = (
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """A fake dataset: `recipe`'s NPD spec, budget, crops, label mode and seed."""
+    """A fake dataset: `recipe`'s NPD spec, budget, crops, label mode and seed, stolen
+    from the target served with the output defence `defense`."""
 
     name: str
     recipe: Recipe
+    defense: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +144,17 @@ class Plan:
     runs: dict[str, RunSpec] = dataclasses.field(default_factory=dict)
     rows: list[Row] = dataclasses.field(default_factory=list)
 
-    def dataset(self, name: str, recipe: Recipe) -> str:
+    def dataset(self, name: str, recipe: Recipe, defense: str = "none") -> str:
         """Adds a dataset; the same name again must mean the same steal (the largest
         budget asked for wins, so smaller budgets train on its first queries)."""
         old = self.datasets.get(name)
         if old is not None:
             same = dataclasses.replace(old.recipe, query_budget=recipe.query_budget)
-            if _steal_fields(same) != _steal_fields(recipe):
+            if _steal_fields(same) != _steal_fields(recipe) or old.defense != defense:
                 raise ValueError(f"dataset {name!r} planned twice with different steals")
             if recipe.query_budget <= old.recipe.query_budget:
                 return name
-        self.datasets[name] = DatasetSpec(name, recipe)
+        self.datasets[name] = DatasetSpec(name, recipe, defense)
         return name
 
     def run(self, spec: RunSpec) -> str:
@@ -182,6 +199,8 @@ class PlanSettings:
       selections: the strategies of the selection part.
       selection_full: strategies of the selection part also run at the recipe's budget
         (against the reference steal's random order).
+      defences: the served output defences of the defences part.
+      defence_budget: its query budget (0: the recipe's).
     """
 
     recipe: Recipe
@@ -194,6 +213,8 @@ class PlanSettings:
     selection_budgets: tuple[int, ...] = SELECTION_BUDGETS
     selections: tuple[str, ...] = SELECTION_STRATEGIES
     selection_full: tuple[str, ...] = ()
+    defences: tuple[str, ...] = DEFENCES
+    defence_budget: int = 0
 
 
 def _k(n: int) -> str:
@@ -285,4 +306,22 @@ def build_plan(s: PlanSettings) -> Plan:
                 recipe = dataclasses.replace(base, query_budget=n, selection=name)
                 label = f"`--selection={name}`, {n:,} queries"
                 variant("selection", "sel", f"{name}_{_k(n)}", label, recipe)
+    if "defences" in s.parts:
+        n = s.defence_budget or budget
+        for defense in s.defences:
+            for mode in DEFENCE_LABEL_MODES:
+                if mode != "hard" and defense == "top1":
+                    continue  # answers without scores: only the label can be kept
+                label = f"`{defense}`, {mode} labels"
+                if defense == "none" and mode == "hard":
+                    plan.row("defences", label, npd_run(n))
+                    continue
+                recipe = dataclasses.replace(base, query_budget=n, label_mode=mode)
+                name = f"def_{slug(defense)}_{slug(mode)}_{_k(n)}"
+                data = plan.dataset(name, recipe, defense)
+                plan.row("defences", label, plan.run(RunSpec(name, data, recipe)))
     return plan
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")

@@ -17,6 +17,7 @@ PREFACE_MD = "PREFACE.md"
 BUDGET_PLOT = "budget_curve.png"
 SELECTION_PLOT = "selection_curve.png"
 DETECTOR_PLOT = "detector.png"
+DEFENCE_PLOT = "defences.png"
 HEADER = [
     "copycat",
     "queries",
@@ -249,6 +250,55 @@ def _totals(study: dict) -> str:
     )
 
 
+def _defence_costs(study: dict) -> list[str]:
+    """The defender's side: the target's own test accuracy through each defence."""
+    costs = study.get("defence_costs") or {}
+    if not costs:
+        return []
+    rows = [
+        [f"`{d}`", f"{c['accuracy']:.4f}", f"{c['macro_f1']:.4f}", _pct(c["agreement"])]
+        for d, c in sorted(costs.items())  # study.json keeps keys sorted: the same order
+    ]
+    return [
+        "The defender's cost: the target's own test accuracy answered through each defence "
+        "(agreement: how often the defended answer is the model's own top-1).",
+        "",
+        markdown_table(["defence", "accuracy", "macro-F1", "agreement with the model"], rows),
+        "",
+    ]
+
+
+def defence_points(study: dict) -> dict[str, dict[str, float]]:
+    """{label mode: {defence: accuracy ratio}} of the defences part."""
+    out: dict[str, dict[str, float]] = {}
+    for label, run in _group_rows(study, "defences"):
+        defence, mode = label.split("`, ", 1)
+        out.setdefault(mode.replace(" labels", ""), {})[defence.strip("`")] = run["ratio_accuracy"]
+    return out
+
+
+def defence_figure(points: dict[str, dict[str, float]], title: str):
+    """Grouped bars: the copy's accuracy ratio per defence, one bar per label mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defences = list(dict.fromkeys(d for modes in points.values() for d in modes))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(defences)), 4))
+    width = 0.8 / max(1, len(points))
+    for j, (mode, ratios) in enumerate(points.items()):
+        xs = [i + j * width for i, d in enumerate(defences) if d in ratios]
+        ax.bar(xs, [100 * ratios[d] for d in defences if d in ratios], width, label=mode)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(defences))])
+    ax.set_xticklabels(defences, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("copycat / target accuracy (%)")
+    ax.set_title(title)
+    ax.legend(title="label mode", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _detected(client: dict, signal: str) -> str:
     at = client.get(signal, 0)
     return f"after {at:,}" if at else "no"
@@ -395,6 +445,10 @@ def render(study: dict, preface: str = "") -> str:
             out += [f"![query-budget curve]({BUDGET_PLOT})", ""]
         if group == "selection" and len(members) > 1:
             out += [f"![query selection against random order]({SELECTION_PLOT})", ""]
+        if group == "defences":
+            out += _defence_costs(study)
+            if len(members) > 1:
+                out += [f"![copy ratio per defence and label mode]({DEFENCE_PLOT})", ""]
     if study.get("datasets"):
         out += ["## Fake datasets", "", _datasets_table(study), ""]
     return "\n".join(out)
@@ -418,6 +472,12 @@ def write_results(results_dir: str, study: dict) -> None:
             selection, f"{study.get('name', '')}: chosen queries against random order"
         )
         viz.save_figure(figure, os.path.join(results_dir, SELECTION_PLOT))
+    defences = defence_points(study)
+    if sum(len(v) for v in defences.values()) > 1:
+        figure = defence_figure(
+            defences, f"{study.get('name', '')}: the copy against each output defence"
+        )
+        viz.save_figure(figure, os.path.join(results_dir, DEFENCE_PLOT))
     if study.get("detector"):
         figure = detector_figure(
             study["detector"], f"{study.get('name', '')}: when the detector flags a client"

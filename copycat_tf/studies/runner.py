@@ -8,6 +8,7 @@ same command, re-run, regenerates RESULTS.md byte for byte from the same study.j
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -22,6 +23,7 @@ from copycat_tf import pipeline
 from copycat_tf.recipe import Recipe, TargetRecipe
 from copycat_tf.studies import detection, results
 from copycat_tf.studies.plan import (
+    DEFENCES,
     PARTS,
     SELECTION_BUDGETS,
     SELECTION_STRATEGIES,
@@ -29,6 +31,7 @@ from copycat_tf.studies.plan import (
     PlanSettings,
     RunSpec,
     build_plan,
+    slug,
 )
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
@@ -58,6 +61,7 @@ class StudyConfig:
       selection_full: strategies also run at the recipe's budget.
       detector_benign_images: problem-domain test images the detector part's benign
         clients share.
+      defences, defence_budget: the defences part's served output defences and budget.
       command: the exact command line, recorded in RESULTS.md.
       render_only: only regenerate RESULTS.md and the plots from study.json.
     """
@@ -80,6 +84,8 @@ class StudyConfig:
     selections: tuple[str, ...] = SELECTION_STRATEGIES
     selection_full: tuple[str, ...] = ()
     detector_benign_images: int = 10_000
+    defences: tuple[str, ...] = DEFENCES
+    defence_budget: int = 0
     command: str = ""
     render_only: bool = False
 
@@ -114,6 +120,13 @@ def _key(obj) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(obj), sort_keys=True))
 
 
+def _field_default(spec, name: str):
+    for field in dataclasses.fields(spec):
+        if field.name == name and field.default is not dataclasses.MISSING:
+            return field.default
+    return object()
+
+
 def same_key(recorded: dict, spec) -> bool:
     """Whether a recorded key describes `spec`. Recipe fields added since the recording
     count as the same when they hold their defaults (what the run did before they existed),
@@ -121,6 +134,8 @@ def same_key(recorded: dict, spec) -> bool:
     current = _key(spec)
     if recorded == current:
         return True
+    # Spec fields added since the recording, at their defaults, count as the same too.
+    current = {k: v for k, v in current.items() if k in recorded or v != _field_default(spec, k)}
     defaults = _key(Recipe())
     old = recorded.get("recipe", {})
     current["recipe"] = {
@@ -142,6 +157,8 @@ class _Study:
         self.cfg = cfg
         self.plan = plan
         self.study = study
+        self.url_for = None  # output defence -> URL of the target served with it
+        self.num_classes = 0  # the target's (known to an attacker of a label-only API)
 
     def save(self) -> None:
         self.study["rows"] = [dataclasses.asdict(r) for r in self.plan.rows]
@@ -175,16 +192,19 @@ class _Study:
         recorded = self.study["runs"].get(run)
         return bool(recorded) and same_key(recorded["key"], self.plan.runs[run])
 
-    def dataset(self, name: str, url: str) -> None:
+    def dataset(self, name: str) -> None:
         """Steals (or resumes) a dataset unless study.json holds it and it is on disk."""
         spec = self.plan.datasets[name]
+        url = self.url_for(spec.defense)
         recorded = self.study["datasets"].get(name)
         out = os.path.join(self.cfg.workdir, f"fake_{name}")
         on_disk = os.path.exists(os.path.join(out, "manifest.json"))
         if recorded and same_key(recorded["key"], spec) and on_disk:
             return
         logging.info("study: stealing dataset %s (%s)", name, spec.recipe.resolved_npd())
-        m = pipeline.steal(spec.recipe, url, out, data_dir=self.cfg.data_dir)
+        m = pipeline.steal(
+            spec.recipe, url, out, data_dir=self.cfg.data_dir, num_classes=self.num_classes
+        )
         self.study["datasets"][name] = self._measured(
             {
                 "key": _key(spec),
@@ -223,6 +243,30 @@ class _Study:
                 shutil.copytree(source, stage)
                 return
 
+    def defence_cost(self, defense: str, export_dir: str) -> None:
+        """The defender's cost: the target's test accuracy through the defended API, and
+        how often it still answers what the model computed (the undefended export)."""
+        recorded = self.study.setdefault("defence_costs", {}).get(defense)
+        key = {"export_dir": export_dir, "pd_data": self.cfg.pd_data}
+        if recorded and recorded["key"] == key:
+            return
+        report = pipeline.evaluate(
+            self.url_for(defense),
+            export_dir,
+            f"{self.cfg.pd_data}:test",
+            os.path.join(self.cfg.workdir, "eval", f"defence_{slug(defense)}"),
+            data_dir=self.cfg.data_dir,
+        )
+        self.study["defence_costs"][defense] = self._measured(
+            {
+                "key": key,
+                "accuracy": report["target"]["accuracy"],
+                "macro_f1": report["target"]["macro_f1"],
+                "agreement": report["agreement"],
+            }
+        )
+        self.save()
+
     def detector_due(self, traffic) -> bool:
         recorded = self.study.get("detector") or {}
         return recorded.get("key") != detection.traffic_key(
@@ -243,14 +287,16 @@ class _Study:
         self.study["detector"] = self._measured(record)
         self.save()
 
-    def run(self, name: str, url: str, class_names: list[str]) -> None:
-        """Trains and evaluates a copycat (stealing its datasets first when needed)."""
+    def run(self, name: str, class_names: list[str]) -> None:
+        """Trains and evaluates a copycat (stealing its datasets first when needed); it is
+        compared with the target as it is (served without a defence)."""
         spec = self.plan.runs[name]
         if self.done(name):
             return
+        url = self.url_for("none")
         for dataset in (spec.dataset, spec.pd_dataset):
             if dataset:
-                self.dataset(dataset, url)
+                self.dataset(dataset)
         logging.info("study: copycat %s", name)
         root = self.cfg.workdir
         self._reuse_npd_stage(spec)
@@ -327,6 +373,8 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
             selection_budgets=tuple(cfg.selection_budgets),
             selections=tuple(cfg.selections),
             selection_full=tuple(cfg.selection_full),
+            defences=tuple(cfg.defences),
+            defence_budget=cfg.defence_budget,
         )
     )
     os.makedirs(cfg.results_dir, exist_ok=True)
@@ -346,7 +394,10 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
             plan, cfg.recipe.query_budget, cfg.pd_data, cfg.detector_benign_images
         )
     detector_due = bool(traffic) and runner.detector_due(traffic)
-    if not todo and not detector_due and study.get("target"):
+    costs_due = "defences" in cfg.parts and any(
+        d not in study.get("defence_costs", {}) for d in cfg.defences
+    )
+    if not todo and not detector_due and not costs_due and study.get("target"):
         runner.save()  # everything measured: RESULTS.md from study.json alone
         return study
     target = pipeline.ensure_target(
@@ -357,13 +408,37 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
         data_dir=cfg.data_dir,
     )
     runner.target(target)
+    runner.num_classes = len(target["class_names"])
     base, name = os.path.split(os.path.dirname(target["export_dir"]))
-    with pipeline.served(base, name, os.path.join(cfg.workdir, "model_server.log")) as server:
+    with contextlib.ExitStack() as servers:
+        urls: dict[str, str] = {}
+
+        def url_for(defense: str) -> str:
+            """The target served with `defense` (started on first use)."""
+            if defense not in urls:
+                log = (
+                    "model_server.log" if defense == "none" else f"model_server-{slug(defense)}.log"
+                )
+                served = servers.enter_context(
+                    pipeline.served(
+                        base,
+                        name,
+                        os.path.join(cfg.workdir, log),
+                        f"--output_defense={defense}",
+                    )
+                )
+                urls[defense] = served.grpc_url
+            return urls[defense]
+
+        runner.url_for = url_for
         for run in todo:
-            runner.run(run, server.grpc_url, target["class_names"])
+            runner.run(run, target["class_names"])
+        if "defences" in cfg.parts:
+            for defense in cfg.defences:
+                runner.defence_cost(defense, target["export_dir"])
         if detector_due:
             for dataset in sorted({t.dataset for t in traffic if t.dataset}):
-                runner.dataset(dataset, server.grpc_url)
+                runner.dataset(dataset)
     if detector_due:
         runner.detection(traffic, base, name)
     runner.save()
