@@ -9,6 +9,13 @@ as tensorflow_model_server's; the last group emulates a hardened cloud API (API 
 limit, output defences). SIGTERM or Ctrl-C drains requests in flight and exits.
 """
 
+import os
+
+# numpy's OpenBLAS (used by the detector and the defences) keeps its threads spinning after
+# each call, taking cores from TensorFlow's model calls: one thread is the server's share.
+# Set before numpy loads; an explicit OPENBLAS_NUM_THREADS wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from absl import flags
 
 from copycat_tf import cli
