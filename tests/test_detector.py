@@ -17,6 +17,7 @@ from copycat_tf.server.detector import (
     DetectorConfig,
     OodModel,
     block_average,
+    flags_in_log,
     prada_features,
     shapiro_w,
 )
@@ -67,7 +68,7 @@ def _jbda_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, np.tile(labels, len(images) // 10 + 1)[:n]
 
 
-def test_prada_flags_a_synthetic_sample_attack_not_benign_clients():
+def test_prada_flags_a_synthetic_sample_attack_not_benign_clients(caplog):
     cfg = DetectorConfig(signals=("prada",), min_queries=100, delta=0.9)
     detector = Detector(cfg)
     for client in range(10):  # benign: 10 clients, 600 queries each, batches of 50
@@ -85,6 +86,8 @@ def test_prada_flags_a_synthetic_sample_attack_not_benign_clients():
     assert status["flagged_by"] == "prada" and 100 <= status["flagged_at"] <= 600
     assert status["last_w"] < 0.9
     assert detector.flagged("attacker") == "prada" and detector.flagged("b0") == ""
+    # The log line says it, and reads back (the detector study parses server logs).
+    assert flags_in_log(caplog.text) == [("attacker", "prada", status["flagged_at"])]
 
 
 def test_prada_memory_is_bounded_per_client_and_clients_are_forgotten():

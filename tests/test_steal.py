@@ -11,11 +11,12 @@ from cli_util import error_lines, run_verb
 from server_util import ServerProcess
 from tensorboard.backend.event_processing import event_accumulator
 
+from copycat_tf.attack.progress import skew_advice
 from copycat_tf.attack.steal import StealConfig
 from copycat_tf.attack.steal import steal as run_steal
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.images import decode_png
-from copycat_tf.data.preparation import Preparation
+from copycat_tf.data.preparation import LEGACY, Preparation
 from copycat_tf.errors import UserInputError
 from copycat_tf.recipe import Recipe
 from copycat_tf.targets.retry import RetryPolicy
@@ -375,6 +376,20 @@ def test_an_answer_of_the_wrong_type_stops_the_steal_cleanly(tmp_path):
     assert [r["query_index"] for r in fd.read_records(str(out))] == list(range(spent + 8))
 
 
+def test_skew_advice_names_the_knobs_not_in_use():
+    recipe = Recipe()
+    plain = Preparation.parse("white", 0.0, 0.0, 0.0, "0.25,1.0", "0.75,1.33", True, 0)
+    advice = skew_advice("folder:/x", plain, "random")
+    for knob in ("--npd_background=random", "--npd_invert=0.5", "--npd_jitter", "--npd_crop_area"):
+        assert knob in advice
+    assert "--npd=mix:" in advice and "--selection=class_balance" in advice
+    full = skew_advice("mix:0.5*folder:/x|0.5*synthetic:shapes", Preparation.of(recipe), "entropy")
+    assert "--npd_" not in full and "--npd=mix" not in full
+    assert "--selection=class_balance" in full
+    assert "--selection_pool" in skew_advice("synthetic:shapes", None, "class_balance")
+    assert "a new steal with the NPD preparation" in skew_advice("folder:/x", LEGACY, "random")
+
+
 def test_skewed_labels_and_an_exhausted_stream_are_reported_at_once(tmp_path):
     """A target answering one class for everything, and a folder that runs out."""
     base = tmp_path / "m"
@@ -407,7 +422,9 @@ def test_skewed_labels_and_an_exhausted_stream_are_reported_at_once(tmp_path):
     assert "the NPD stream ended before the budget: 20 of 100 queries spent" in proc.stdout
     warning = m["label_skew_warning"]
     assert "class 0 holds 100%" in warning and "never answered" in warning
-    assert warning in proc.stderr and "--npd_background" in warning
+    # The advice names what this steal does not use yet: its preparation is the recipe's.
+    assert warning in proc.stderr and "--selection=class_balance" in warning
+    assert "--npd=mix:" in warning and "--npd_background" not in warning
     stats = m["label_statistics"]
     assert stats["top_share"] == 1.0 and stats["entropy_bits"] == 0.0
     assert "top class 0 at 100%, label entropy 0.00 of 1.58 bits" in proc.stdout

@@ -17,12 +17,46 @@ import numpy as np
 TENSORBOARD_DIR = "tensorboard"
 # Skew thresholds: one class above half of the answers, or a class never answered.
 TOP_SHARE_WARNING = 0.5
-SKEW_ADVICE = (
-    "NPD preparation that varies what the target sees (--npd_background=random, "
-    "--npd_invert=0.5, --npd_jitter, smaller --npd_crop_area), other NPD sources "
-    "(--npd=mix:...), or query selection; class balancing at training time only "
-    "partly makes up for it"
-)
+
+
+def skew_advice(npd: str, preparation, selection: str) -> str:
+    """What helps against skewed labels, naming only the knobs this steal does not use yet.
+
+    Args:
+      npd: the NPD spec.
+      preparation: its data.preparation.Preparation (None: pictures are not prepared).
+      selection: the query selection (attack.selection.SELECTIONS).
+    """
+    helps = []
+    if preparation is not None and not preparation.legacy:
+        knobs = []
+        if len(preparation.backgrounds) < 5:
+            knobs.append("--npd_background=random")
+        if not preparation.invert:
+            knobs.append("--npd_invert=0.5")
+        if not preparation.jitter:
+            knobs.append("--npd_jitter=0.3")
+        if preparation.crop_area[0] > 0.05:
+            knobs.append("smaller --npd_crop_area (e.g. 0.02,1.0)")
+        if not preparation.adapt_after and len(preparation.arms) > 1:
+            knobs.append("--npd_adapt_after=2048 (favour the arms answered most variously)")
+        if knobs:
+            helps.append(
+                "NPD preparation that varies what the target sees (" + ", ".join(knobs) + ")"
+            )
+    elif preparation is not None:  # legacy: a dataset made before preparation existed
+        helps.append(
+            "a new steal with the NPD preparation (--npd_background=random, --npd_invert=0.5)"
+        )
+    if not npd.startswith("mix:"):
+        helps.append("other NPD sources (--npd=mix:...)")
+    if selection == "random":
+        helps.append("query selection (--selection=class_balance or entropy)")
+    elif selection in ("entropy", "margin", "kcenter", "adaptive"):
+        helps.append("--selection=class_balance (it favours the classes answered least)")
+    else:
+        helps.append("a larger --selection_pool")
+    return "; ".join(helps) + "; class balancing at training time only partly makes up for it"
 
 
 class LabelStats:
@@ -64,8 +98,9 @@ class LabelStats:
             "empty_classes": [int(c) for c in np.flatnonzero(self.counts == 0)],
         }
 
-    def warning(self) -> str | None:
-        """A one-line warning when the answers are skewed (see module docstring)."""
+    def warning(self, advice: str) -> str | None:
+        """A one-line warning when the answers are skewed (see module docstring), ending with
+        `advice` (skew_advice)."""
         s = self.summary()
         problems = []
         if s["top_share"] > TOP_SHARE_WARNING:
@@ -77,7 +112,7 @@ class LabelStats:
         return (
             f"stolen labels are skewed after {s['answers']} queries: {'; '.join(problems)} "
             f"(label entropy {s['entropy_bits']:.2f} of {s['max_entropy_bits']:.2f} bits). "
-            f"What helps: {SKEW_ADVICE}"
+            f"What helps: {advice}"
         )
 
 

@@ -21,7 +21,7 @@ from copycat_tf.attack.adaptation import Exploration, committed_labels
 from copycat_tf.attack.dispatch import Dispatcher
 from copycat_tf.attack.label_modes import LabelMode, parse_label_mode
 from copycat_tf.attack.producer import NpdBatch, Producer
-from copycat_tf.attack.progress import TENSORBOARD_DIR, LabelStats, StealMonitor
+from copycat_tf.attack.progress import TENSORBOARD_DIR, LabelStats, StealMonitor, skew_advice
 from copycat_tf.attack.writer import FakeDatasetWriter
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.npd import NpdStream
@@ -279,7 +279,9 @@ class _StealRun:
             summary_every=max(batch_size, cfg.query_budget // 100),
         )
         self.skew = _SkewCheck(
-            self.labels, min(cfg.skew_check_after, max(1, cfg.query_budget // 2))
+            self.labels,
+            min(cfg.skew_check_after, max(1, cfg.query_budget // 2)),
+            skew_advice(cfg.npd, stream.prepared_pictures(), cfg.selection),
         )
         self.exhausted = False
         self._rounds_shown = 0
@@ -463,16 +465,17 @@ def _retries(writer: FakeDatasetWriter, dispatcher: Dispatcher) -> int:
 class _SkewCheck:
     """Warns once, after `after` answers, when the stolen labels are skewed."""
 
-    def __init__(self, labels: LabelStats, after: int):
+    def __init__(self, labels: LabelStats, after: int, advice: str):
         self.labels = labels
         self.after = after
+        self.advice = advice
         self.done = labels.total >= after  # a resumed run was warned before
 
     def check(self, writer: FakeDatasetWriter) -> None:
         if self.done or self.labels.total < self.after:
             return
         self.done = True
-        message = self.labels.warning()
+        message = self.labels.warning(self.advice)
         writer.manifest["label_skew_warning"] = message
         if message:
             logging.warning("steal: %s", message)

@@ -293,12 +293,17 @@ class NpdStream:
             return self.remap(k)
         return k
 
+    def prepared_pictures(self):
+        """The preparation of the stream's pictures (folder:, tfds: parts); None when it
+        has none (synthetic:, pd:)."""
+        pictures = any(isinstance(source, (_Folder, _Tfds)) for _, source in self.parts)
+        return self.preparation if pictures else None
+
     @property
     def adapts(self) -> bool:
         """Whether items past the preparation's exploration need adapted arm weights."""
-        prep = self.preparation
-        pictures = any(isinstance(source, (_Folder, _Tfds)) for _, source in self.parts)
-        return bool(prep.adapt_after) and not prep.legacy and pictures
+        prep = self.prepared_pictures()
+        return prep is not None and bool(prep.adapt_after) and not prep.legacy
 
     @property
     def thread_safe(self) -> bool:

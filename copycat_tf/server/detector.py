@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import threading
 
 import numpy as np
@@ -44,6 +45,15 @@ SIGNALS = ("prada", "ood")
 ACTIONS = ("log", "block", "degrade")
 PRADA_DIMS = 1024  # values per stored query vector (larger images are block-averaged)
 OOD_BLOCKS = 8  # the ood model's grid: at most 8x8 block averages per channel
+
+# The server log's line when a client is flagged; flags_in_log reads it back.
+FLAG_MESSAGE = "detector: client %s flagged by %s after %d queries (action: %s)"
+_FLAG_LINE = re.compile(r"detector: client (\S+) flagged by (\w+) after (\d+) queries")
+
+
+def flags_in_log(text: str) -> list[tuple[str, str, int]]:
+    """(client, signal, queries) of every flag a server log reports, in order."""
+    return [(m.group(1), m.group(2), int(m.group(3))) for m in _FLAG_LINE.finditer(text)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,13 +356,7 @@ class Detector:
             if fired:
                 state.flagged_by, state.flagged_at = fired, state.queries
         if fired:
-            logging.warning(
-                "detector: client %s flagged by %s after %d queries (action: %s)",
-                who,
-                fired,
-                state.queries,
-                cfg.action,
-            )
+            logging.warning(FLAG_MESSAGE, who, fired, state.queries, cfg.action)
             if self.on_flag is not None:
                 self.on_flag(fired)
         return fired

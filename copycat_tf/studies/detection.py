@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 
 import numpy as np
 from absl import logging
@@ -25,7 +24,6 @@ from copycat_tf import pipeline
 
 SIGNALS = ("prada", "ood")
 BENIGN_CLIENTS = 10
-_FLAGGED = re.compile(r"detector: client (\S+) flagged by (\w+) after (\d+) queries")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +124,7 @@ def run_detection(
 
     from copycat_tf.data import fake_dataset as fd
     from copycat_tf.server.core import client_identity
+    from copycat_tf.server.detector import flags_in_log
 
     shape = fd.load_fake_data([os.path.join(workdir, "fake_natural")]).input_shape
     root = os.path.join(workdir, "detector")
@@ -171,9 +170,9 @@ def run_detection(
             channel.close()
         with open(log_path, errors="replace") as f:
             flagged = {
-                who[m.group(1)]: int(m.group(3))
-                for m in _FLAGGED.finditer(f.read())
-                if m.group(1) in who and m.group(2) == signal
+                who[client]: queries
+                for client, fired, queries in flags_in_log(f.read())
+                if client in who and fired == signal
             }
         for t in traffic:
             result[t.name][signal] = flagged.get(t.name, 0)
