@@ -197,7 +197,7 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "--epochs=1",
         "--finetune_epochs=1",
         "--target_epochs=2",
-        "--parts=table,budget,balance,defences,detector",
+        "--parts=table,budget,defences,detector",
         "--detector_benign_images=40",
         "--defences=top1,gaussian:0.3",
         "--defence_budget=100",
@@ -212,8 +212,6 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "npd_100",
         "npd_pd",
         "pd_only",
-        "balance_resample",
-        "balance_none",
         "def_top1_hard_100",
         "def_gaussian_0_3_hard_100",
         "def_gaussian_0_3_scores_100",
@@ -223,7 +221,7 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
     assert study["datasets"]["pd"]["queries_spent"] == 60
     assert study["runs"]["npd_pd"]["queries"] == 200 + 60
     text = (out / "RESULTS.md").read_text()
-    for title in ("The paper's table", "Query-budget curve", "Class balancing", "Fake datasets"):
+    for title in ("The paper's table", "Query-budget curve", "Fake datasets"):
         assert f"## {title}" in text
     assert "--query_budget=200" in text and "Machine: " in text
     assert (out / "budget_curve.png").exists()
