@@ -40,7 +40,7 @@ flags.DEFINE_enum(
     Recipe.selection,
     list(SELECTIONS),
     "Which NPD items steal sends (see steal --helpfull): random order, or rounds chosen by a "
-    "scout copycat (class_balance, entropy, margin, kcenter).",
+    "scout copycat (class_balance, entropy, margin, kcenter, entropy_kcenter).",
 )
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")
 flags.DEFINE_string("data_dir", None, "Its data directory (Fashion-MNIST IDX files).")

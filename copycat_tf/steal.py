@@ -99,6 +99,7 @@ flags.DEFINE_enum(
     "every answer so far scores up to --selection_pool unsent candidates and a round of "
     "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
     "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set); "
+    "entropy_kcenter: core-set among the 4 x round most uncertain (ActiveThief); "
     "adaptive: no scout, a bandit (UCB1) over the NPD's arms (mix parts, backgrounds and "
     "polarities) rewarded by how rare their answers' labels are. Each round's choice is "
     "saved in the fake dataset before it is sent.",
@@ -107,7 +108,7 @@ flags.DEFINE_integer(
     "selection_pool",
     RECIPE.selection_pool,
     "Candidates a selection round scores at most (10 per query it chooses; memory: one "
-    "float per class per candidate, plus 128 features for kcenter).",
+    "float per class per candidate, plus 128 features for kcenter, entropy_kcenter).",
     lower_bound=1,
 )
 flags.DEFINE_integer(

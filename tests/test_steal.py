@@ -647,6 +647,14 @@ def test_greedy_class_balanced_choice():
     assert list(sel.choose_uncertain(probs, 2, "margin")) == [1, 2]
     points = np.array([[0.0, 0], [0.1, 0], [5, 5], [5.1, 5], [-4, 3]], np.float32)
     assert list(sel.choose_kcenter(points, np.zeros((1, 2), np.float32), 2)) == [3, 4]
+    # entropy_kcenter: core-set among the SHORTLIST x need most uncertain rows only.
+    uncertain = np.array([[0.5, 0.5], [0.5, 0.5], [0.99, 0.01], [0.5, 0.5], [0.9, 0.1]])
+    centre = np.zeros((1, 2), np.float32)
+    assert list(sel.choose_diverse(uncertain, [points], centre, 1, uncertain=False)) == [3]
+    assert sel.SHORTLIST == 4  # rows 0, 1, 3, 4 (not the confident row 2)
+    assert list(sel.choose_diverse(uncertain, [points[:2], points[2:]], centre, 1, True)) == [3]
+    assert list(sel.choose_diverse(uncertain, [points], centre, 2, True)) == [3, 4]
+    assert len(sel.choose_diverse(uncertain, [], centre, 2, True)) == 0
     assert sel.pool_size(100, 100_000) == 1000 and sel.pool_size(100, 300) == 300
     assert sel.pool_size(100, 50) == 100
     assert sel.scout_steps(10_000) == 1500 and sel.scout_steps(1000) == 300
@@ -654,7 +662,8 @@ def test_greedy_class_balanced_choice():
 
 
 @pytest.mark.parametrize(
-    "strategy, reuse", [("entropy", False), ("margin", True), ("kcenter", True)]
+    "strategy, reuse",
+    [("entropy", False), ("margin", True), ("kcenter", True), ("entropy_kcenter", False)],
 )
 def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     tmp_path, strategy, reuse, monkeypatch

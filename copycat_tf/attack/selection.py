@@ -13,6 +13,9 @@ and the next round starts from all the labels again, until the budget is spent.
   margin         smallest gap between the scout's two best classes.
   kcenter        greedy core-set on the scout's penultimate features: candidates far from
                  everything stolen or chosen so far (diversity).
+  entropy_kcenter  the two combined as ActiveThief (Pal et al., AAAI 2020) does: k-center
+                 among the SHORTLIST x round most uncertain candidates (informative and
+                 diverse: uncertainty alone picks near-duplicates along one boundary).
   adaptive       no scout: a bandit over the NPD's arms (each part of a `mix:` spec and,
                  for prepared pictures, each background/polarity of the preparation),
                  each arm rewarded by how rare the labels its answers got are (mean
@@ -53,9 +56,21 @@ import numpy as np
 from copycat_tf.errors import UserInputError
 from copycat_tf.workdir import atomic_write_json
 
-SELECTIONS = ("random", "class_balance", "entropy", "margin", "kcenter", "adaptive")
+SELECTIONS = (
+    "random",
+    "class_balance",
+    "entropy",
+    "margin",
+    "kcenter",
+    "entropy_kcenter",
+    "adaptive",
+)
 # Strategies that train a scout copycat each round.
-SCOUTED = ("class_balance", "entropy", "margin", "kcenter")
+SCOUTED = ("class_balance", "entropy", "margin", "kcenter", "entropy_kcenter")
+# Strategies that need the scout's penultimate features of every candidate.
+FEATURED = ("kcenter", "entropy_kcenter")
+# entropy_kcenter: k-center among this many times the round's queries, the most uncertain.
+SHORTLIST = 4
 SELECTION_FILE = "selection.json"
 SCORE_CHUNK = 2048
 # Candidates scored per query chosen: a larger pool holds more of the rare classes.
@@ -297,6 +312,20 @@ def choose_kcenter(candidates: np.ndarray, centres: np.ndarray, need: int) -> np
     return np.sort(np.array(chosen, np.int64))
 
 
+def choose_diverse(
+    probs: np.ndarray, feats: list[np.ndarray], centres: np.ndarray, need: int, uncertain: bool
+) -> np.ndarray:
+    """kcenter rows of the pool (ascending); with `uncertain`, k-center among the
+    SHORTLIST x need candidates of highest entropy only (entropy_kcenter)."""
+    if not feats:
+        return np.zeros(0, np.int64)
+    feats = np.concatenate(feats)
+    if not uncertain:
+        return choose_kcenter(feats, centres, need)
+    shortlist = choose_uncertain(probs, SHORTLIST * need, "entropy")
+    return shortlist[choose_kcenter(feats[shortlist], centres, need)]
+
+
 def load_selection(directory: str) -> dict | None:
     """The recorded choice of a fake dataset, None when there is none yet."""
     import json
@@ -441,7 +470,7 @@ def select(
             "warm_start": warm,
             "seconds": round(time.monotonic() - start, 1),
         }
-    features = strategy == "kcenter"
+    features = strategy in FEATURED
     scorer = _with_features(scout) if features else scout if strategy in SCOUTED else None
     probs, feats, candidates, arms = [], [], [], []
 
@@ -475,7 +504,7 @@ def select(
             rows = choose_uncertain(probs, need, strategy)
         else:
             centres = _scores(scorer, images, True)[1]
-            rows = choose_kcenter(np.concatenate(feats), centres, need) if feats else []
+            rows = choose_diverse(probs, feats, centres, need, strategy == "entropy_kcenter")
         guesses = probs[rows].argmax(axis=1)
         record["predicted_histogram"] = np.bincount(guesses, minlength=num_classes).tolist()
         record["guesses"] = guesses.tolist()  # the scout's label for each choice

@@ -50,7 +50,14 @@ DEFENCE_LABEL_MODES = ("hard", "scores", "topk:3")
 
 
 # The selection part's defaults: strategies (each against random order) and budgets.
-SELECTION_STRATEGIES = ("class_balance", "entropy", "margin", "kcenter", "adaptive")
+SELECTION_STRATEGIES = (
+    "class_balance",
+    "entropy",
+    "margin",
+    "kcenter",
+    "entropy_kcenter",
+    "adaptive",
+)
 SELECTION_BUDGETS = (5000, 10000)
 
 
