@@ -15,7 +15,6 @@ import sys
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.recipe import Recipe, TargetRecipe
@@ -105,6 +104,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from copycat_tf.errors import UserInputError
+    from copycat_tf.studies.plan import check_settings
     from copycat_tf.studies.runner import StudyConfig, run_study
 
     try:
@@ -115,26 +115,7 @@ def main(argv):
             f"--budgets={FLAGS.budgets} / --selection_budgets={FLAGS.selection_budgets}: "
             "expected whole numbers"
         ) from e
-    bad = [
-        s
-        for s in (*FLAGS.selections, *FLAGS.selection_full)
-        if s not in SELECTIONS or s == "random"
-    ]
-    if bad:
-        raise UserInputError(
-            f"--selections / --selection_full: unknown {bad}; valid: "
-            f"{', '.join(SELECTIONS[1:])} (random is the reference every strategy is compared to)"
-        )
-    unknown = [p for p in FLAGS.parts if p not in PARTS]
-    if unknown:
-        raise UserInputError(f"--parts: unknown {unknown}; valid: {', '.join(PARTS)}")
-    from copycat_tf.server.defenses import parse_defense
-
-    for spec in FLAGS.defences:
-        try:
-            parse_defense(spec)
-        except ValueError as e:
-            raise UserInputError(str(e).replace("--output_defense", "--defences")) from e
+    check_settings(FLAGS.parts, FLAGS.selections, FLAGS.selection_full, FLAGS.defences)
     run_study(
         StudyConfig(
             name=FLAGS.name,

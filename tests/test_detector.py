@@ -363,3 +363,33 @@ def test_cloud_api_emulation_end_to_end(tmp_path, tiny_export):
         ]
         == 150
     )
+
+
+def test_ood_calibration_is_fitted_at_start_and_too_few_images_fail_there(tmp_path, tiny_export):
+    """The server fits the ood model before it opens its ports; a calibration folder of 3
+    pictures (cycled into repeats) is refused there, in one line, not at the first request."""
+    import tensorflow as tf
+    from cli_util import error_lines, run_verb
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for i, image in enumerate(_pattern_images(3, seed=2, size=16)[0]):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    proc = run_verb(
+        "model_server",
+        f"--model_base_path={tiny_export[0]}",
+        "--model_name=m",
+        "--port=0",
+        "--detector=ood",
+        f"--detector_calibration=folder:{folder}",
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in error_lines(proc) if "error:" in line]  # after load logs
+    assert len(errors) == 1 and "3 distinct images of (16, 16, 1)" in errors[0], proc.stderr
+    assert "--detector_calibration" in errors[0] and "Traceback" not in proc.stderr
+    cfg = DetectorConfig(signals=("ood",), calibration=f"folder:{folder}", calibration_size=50)
+    for i, image in enumerate(_pattern_images(30, seed=3, size=16)[0]):
+        (folder / f"more{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    with in_process_server(tiny_export[0], detector=cfg) as server:
+        assert list(server.core.detector._ood) == [(16, 16, 1)]  # before any request

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from cli_util import run_verb
 
 from copycat_tf.recipe import Recipe
@@ -298,3 +299,18 @@ def test_datasets_table_is_in_name_order_however_the_study_was_filled():
     table = results._datasets_table({"datasets": measured_order})
     assert table == results._datasets_table({"datasets": reloaded_order})
     assert table.index("sel_a") < table.index("src_b")
+
+
+def test_study_settings_errors_name_the_flag():
+    from copycat_tf.errors import UserInputError
+    from copycat_tf.studies.plan import check_settings
+
+    check_settings(("table", "selection"), ("entropy_kcenter",), ("entropy",), ("top1",))
+    with pytest.raises(
+        UserInputError, match=r"--selections / --selection_full: unknown \['random'\]"
+    ):
+        check_settings(("table",), ("random",), (), ())
+    with pytest.raises(UserInputError, match=r"--parts: unknown \['tables'\]"):
+        check_settings(("tables",), (), (), ())
+    with pytest.raises(UserInputError, match="--defences"):
+        check_settings(("defences",), (), (), ("gaussian:x",))

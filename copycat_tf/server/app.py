@@ -13,7 +13,13 @@ from absl import logging
 
 from copycat_tf.errors import UserInputError
 from copycat_tf.server.batching import BatchScheduler, parse_batching_parameters
-from copycat_tf.server.core import ACCESS_LOG, Gatekeeper, ServingCore, parse_api_keys_file
+from copycat_tf.server.core import (
+    ACCESS_LOG,
+    Gatekeeper,
+    ServingCore,
+    image_shape,
+    parse_api_keys_file,
+)
 from copycat_tf.server.defenses import OutputDefense, parse_defense
 from copycat_tf.server.detector import Detector, DetectorConfig, check_config, parse_signals
 from copycat_tf.server.grpc_api import MAX_MESSAGE_BYTES, build_grpc_server
@@ -140,6 +146,26 @@ class ModelServer:
         self.rest_port = 0
         self._stopped = threading.Event()
 
+    def _fit_detector(self) -> None:
+        """Fits the ood detector's model for each served model's image shape before the
+        ports open: no request waits for it, and a calibration that gives too few images
+        fails at start.
+
+        Raises:
+          UserInputError: the calibration gives too few images (the models are unloaded).
+        """
+        detector = self.core.detector
+        if detector is None or "ood" not in detector.cfg.signals:
+            return
+        for name in self.store.model_names():
+            shape = image_shape(self.store.resolve(name))
+            if shape is not None:
+                try:
+                    detector.prepare(shape)
+                except ValueError as e:
+                    self.store.stop()
+                    raise UserInputError(str(e)) from e
+
     def start(self) -> None:
         """Loads the models, then opens the ports (so a reachable server can answer).
 
@@ -148,6 +174,7 @@ class ModelServer:
         """
         cfg = self.config
         self.store.start()
+        self._fit_detector()
         if cfg.port or not cfg.rest_api_port:
             self._grpc, self.grpc_port = build_grpc_server(
                 self.core,

@@ -476,6 +476,15 @@ def predicted_classes(result: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(result[OUTPUT_SCORES]).argmax(axis=-1).reshape(-1)
 
 
+def image_shape(servable: Servable) -> tuple[int, int, int] | None:
+    """(H, W, C) of the model's `images` input, None when unknown or not fixed."""
+    default = servable.signatures.get(SERVING_DEFAULT)
+    spec = default.inputs.get(INPUT_IMAGES) if default is not None else None
+    if spec is None or spec.shape is None or len(spec.shape) != 4 or None in spec.shape[1:]:
+        return None
+    return tuple(int(d) for d in spec.shape[1:])
+
+
 def detector_images(servable: Servable, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
     """The request's images as uint8 [N, H, W, C] (encoded ones decoded at the size of the
     model's `images` input), None when the request holds no contract image input."""
@@ -483,11 +492,10 @@ def detector_images(servable: Servable, inputs: dict[str, np.ndarray]) -> np.nda
     if images is not None and images.ndim == 4:
         return np.asarray(images, dtype=np.uint8)
     encoded = inputs.get(INPUT_IMAGE_BYTES)
-    default = servable.signatures.get(SERVING_DEFAULT)
-    spec = default.inputs.get(INPUT_IMAGES) if default is not None else None
-    if encoded is None or spec is None or spec.shape is None or None in spec.shape[1:]:
+    shape = image_shape(servable)
+    if encoded is None or shape is None:
         return None
-    h, w, c = spec.shape[1:]
+    h, w, c = shape
     decoded = [
         tf.image.resize(
             tf.io.decode_image(data, channels=c, expand_animations=False), (h, w), "area"

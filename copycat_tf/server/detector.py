@@ -14,8 +14,10 @@ address) is flagged when any signal fires, once, and stays flagged:
          are not counted: they teach an attacker nothing and would flag benign clients.
   ood    Share of a client's recent queries that lie outside the target's input
          distribution. A Gaussian model of block-averaged pixels (8x8 blocks per channel
-         at most) is fitted at first use on `calibration` (an NPD spec of in-distribution
-         images, e.g. pd:fashion_mnist:train or folder:<dir>); a query is out of
+         at most) is fitted when the server starts (per served image shape) on
+         `calibration` (an NPD spec of in-distribution images, e.g.
+         pd:fashion_mnist:train or folder:<dir>, each picture taken once, whole, as it
+         is; at least 20 distinct images); a query is out of
          distribution when its Mahalanobis distance exceeds the `ood_quantile` of held-out
          calibration images. The client is flagged when more than `ood_share` of its last
          `window` queries (at least `min_queries`) are. Why this signal: the Copycat attack
@@ -49,6 +51,14 @@ OOD_BLOCKS = 8  # the ood model's grid: at most 8x8 block averages per channel
 # The server log's line when a client is flagged; flags_in_log reads it back.
 FLAG_MESSAGE = "detector: client %s flagged by %s after %d queries (action: %s)"
 _FLAG_LINE = re.compile(r"detector: client (\S+) flagged by (\w+) after (\d+) queries")
+
+
+def _as_they_are():
+    from copycat_tf.data.preparation import Preparation
+
+    # Calibration pictures are taken whole, once each, as they are (no crops, inversion,
+    # jitter or blur; transparency over black).
+    return Preparation.parse("black", 0.0, 0.0, 0.0, "1,1", "1,1", cycle=False)
 
 
 def flags_in_log(text: str) -> list[tuple[str, str, int]]:
@@ -303,23 +313,41 @@ class Detector:
                 "outside_share": float(np.mean(state.outside)) if state.outside else 0.0,
             }
 
+    def prepare(self, shape: tuple[int, int, int]) -> None:
+        """Fits the ood model for images of `shape` now (the server does at start) rather
+        than at the first request of that shape.
+
+        Raises:
+          ValueError: the calibration gives fewer than 20 images.
+        """
+        if "ood" in self.cfg.signals:
+            self._ood_model(shape)
+
     def _ood_model(self, shape: tuple[int, int, int]) -> OodModel:
-        """The ood model for images of `shape`, fitted on first use."""
+        """The ood model for images of `shape`, fitted on first use (or by prepare)."""
         with self._ood_lock:
             model = self._ood.get(shape)
             if model is None:
                 from copycat_tf.data.npd import NpdStream
 
-                stream = NpdStream(self.cfg.calibration, shape, seed=0, data_dir=self.data_dir)
+                stream = NpdStream(
+                    self.cfg.calibration,
+                    shape,
+                    seed=0,
+                    data_dir=self.data_dir,
+                    preparation=_as_they_are(),
+                )
                 images = [
                     item.image
                     for item in (stream.item(k) for k in range(self.cfg.calibration_size))
                     if item is not None and item.image is not None
                 ]
-                if len(images) < 20:
+                distinct = len({image.tobytes() for image in images})
+                if distinct < 20:
                     raise ValueError(
-                        f"--detector_calibration={self.cfg.calibration!r} gave "
-                        f"{len(images)} images; expected at least 20"
+                        f"--detector_calibration={self.cfg.calibration!r} gave {distinct} "
+                        f"distinct images of {shape}; expected at least 20: give a source "
+                        "of in-distribution images (e.g. pd:<dataset>:train or a larger folder)"
                     )
                 model = OodModel(np.stack(images), self.cfg.ood_quantile)
                 self._ood[shape] = model

@@ -228,6 +228,34 @@ def _k(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
+def check_settings(parts, selections, selection_full, defences) -> None:
+    """The study's flags that name parts, strategies and defences, checked before anything
+    runs.
+
+    Raises:
+      UserInputError: an unknown part or strategy, or a defence spec the model server
+        would refuse; the message names the flag.
+    """
+    from copycat_tf.attack.selection import SELECTIONS
+    from copycat_tf.errors import UserInputError
+    from copycat_tf.server.defenses import parse_defense
+
+    bad = [s for s in (*selections, *selection_full) if s not in SELECTIONS or s == "random"]
+    if bad:
+        raise UserInputError(
+            f"--selections / --selection_full: unknown {bad}; valid: "
+            f"{', '.join(SELECTIONS[1:])} (random is the reference every strategy is compared to)"
+        )
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise UserInputError(f"--parts: unknown {unknown}; valid: {', '.join(PARTS)}")
+    for spec in defences:
+        try:
+            parse_defense(spec)
+        except ValueError as e:
+            raise UserInputError(str(e).replace("--output_defense", "--defences")) from e
+
+
 def build_plan(s: PlanSettings) -> Plan:
     """The plan of the standard parts (see PARTS)."""
     unknown = [p for p in s.parts if p not in PARTS]

@@ -157,8 +157,34 @@ class _Study:
         self.cfg = cfg
         self.plan = plan
         self.study = study
-        self.url_for = None  # output defence -> URL of the target served with it
+        self._serving = None  # (ExitStack, export base, model name, {defence: URL}) in serving()
         self.num_classes = 0  # the target's (known to an attacker of a label-only API)
+
+    @contextlib.contextmanager
+    def serving(self, base: str, name: str):
+        """While the block runs, url_for serves the target (export `base`/`name`) with any
+        output defence, each server started on first use and all stopped at the end."""
+        with contextlib.ExitStack() as stack:
+            self._serving = (stack, base, name, {})
+            try:
+                yield
+            finally:
+                self._serving = None
+
+    def url_for(self, defense: str) -> str:
+        """The gRPC URL of the target served with `defense` ("none": as it is)."""
+        if self._serving is None:
+            raise RuntimeError("url_for outside serving()")
+        stack, base, name, urls = self._serving
+        if defense not in urls:
+            log = "model_server.log" if defense == "none" else f"model_server-{slug(defense)}.log"
+            served = stack.enter_context(
+                pipeline.served(
+                    base, name, os.path.join(self.cfg.workdir, log), f"--output_defense={defense}"
+                )
+            )
+            urls[defense] = served.grpc_url
+        return urls[defense]
 
     def save(self) -> None:
         self.study["rows"] = [dataclasses.asdict(r) for r in self.plan.rows]
@@ -410,27 +436,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     runner.target(target)
     runner.num_classes = len(target["class_names"])
     base, name = os.path.split(os.path.dirname(target["export_dir"]))
-    with contextlib.ExitStack() as servers:
-        urls: dict[str, str] = {}
-
-        def url_for(defense: str) -> str:
-            """The target served with `defense` (started on first use)."""
-            if defense not in urls:
-                log = (
-                    "model_server.log" if defense == "none" else f"model_server-{slug(defense)}.log"
-                )
-                served = servers.enter_context(
-                    pipeline.served(
-                        base,
-                        name,
-                        os.path.join(cfg.workdir, log),
-                        f"--output_defense={defense}",
-                    )
-                )
-                urls[defense] = served.grpc_url
-            return urls[defense]
-
-        runner.url_for = url_for
+    with runner.serving(base, name):
         for run in todo:
             runner.run(run, target["class_names"])
         if "defences" in cfg.parts:
