@@ -176,7 +176,8 @@ flags.DEFINE_string(
     "detector_calibration",
     "",
     "ood: NPD spec of images the target expects, e.g. pd:fashion_mnist:train or "
-    "folder:<dir>; the model is fitted on first use.",
+    "folder:<dir> (each picture once, whole, as it is; at least 20 distinct); the model is "
+    "fitted at start, for each served model's image shape.",
 )
 flags.DEFINE_integer(
     "detector_calibration_size", 2000, "ood: calibration images used.", lower_bound=20
