@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 import threading
 
@@ -222,7 +223,8 @@ class _Client:
         self.flagged_by = ""
         self.flagged_at = 0
         self.sets: dict[int, np.ndarray] = {}
-        self.set_distances: dict[int, list[float]] = {}
+        # Per class: (count, sum, sum of squares) of the distances that grew its set.
+        self.set_sums: dict[int, tuple[int, float, float]] = {}
         self.thresholds: dict[int, float] = {}
         self.stored = 0
         self.distances: collections.deque[float] = collections.deque(maxlen=cfg.window)
@@ -244,20 +246,27 @@ class _Client:
                 best = np.full(len(rows), np.inf)
             within = np.sqrt(np.maximum(sq[:, None] - 2.0 * x @ x.T + sq[None], 0.0))
             added: list[int] = []
-            distances = self.set_distances.setdefault(int(c), [])
+            count, total, squares = self.set_sums.get(int(c), (0, 0.0, 0.0))
+            threshold = self.thresholds.get(int(c), 0.0)
             for i in range(len(rows)):
-                d = min([best[i], *within[i, added]]) if added else best[i]
-                if not np.isfinite(d):  # the class's first query starts its set
+                d = float(best[i])  # to the stored set and to this request's added rows
+                if d == math.inf:  # the class's first query starts its set
                     if self.stored + len(added) < max_set:
                         added.append(i)
+                        best = np.minimum(best, within[:, i])
                     continue
                 if d == 0.0:  # an exact repeat (a retry) tells an attacker nothing new
                     continue
-                self.distances.append(float(d))
-                if d > self.thresholds.get(int(c), 0.0) and self.stored + len(added) < max_set:
+                self.distances.append(d)
+                if d > threshold and self.stored + len(added) < max_set:
                     added.append(i)
-                    distances.append(float(d))
-                    self.thresholds[int(c)] = float(np.mean(distances) - np.std(distances))
+                    best = np.minimum(best, within[:, i])
+                    count, total, squares = count + 1, total + d, squares + d * d
+                    mean = total / count  # threshold: mean - std of the set-growing distances
+                    threshold = mean - math.sqrt(max(squares / count - mean * mean, 0.0))
+            self.set_sums[int(c)] = (count, total, squares)
+            if count:
+                self.thresholds[int(c)] = threshold
             if added:
                 new = x[added]
                 self.sets[int(c)] = new if stored is None else np.concatenate([stored, new])
