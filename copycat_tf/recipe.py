@@ -66,6 +66,27 @@ def default_npd() -> str:
     return FALLBACK_NPD
 
 
+# Recipe fields only the copycat's training reads: a fake dataset does not depend on them.
+TRAINING_FIELDS = (
+    "model",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "augment",
+    "warmup_epochs",
+    "patience",
+    "balance",
+    "max_replication",
+    "holdout_percent",
+    "finetune_epochs",
+    "finetune_learning_rate",
+    "precision",
+)
+# Recipe fields only the NPD+PD fine-tuning stage reads.
+FINETUNE_FIELDS = ("finetune_epochs", "finetune_learning_rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """One attack: what is sent to the target and how the copycat learns from the answers.
@@ -129,8 +150,8 @@ class Recipe:
     balance: str = "replicate"
     max_replication: float = 0.0
     holdout_percent: int = 5
-    finetune_epochs: int = 5
-    finetune_learning_rate: float = 5e-4
+    finetune_epochs: int = 10
+    finetune_learning_rate: float = 1e-3
     precision: str = "auto"
     seed: int = 0
 

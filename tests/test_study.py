@@ -1,5 +1,6 @@
 """The study: its plan, its write-up, and a tiny study end to end (results written by code)."""
 
+import dataclasses
 import json
 import os
 
@@ -257,6 +258,19 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
     proc = run_verb("study", *flags, "--render_only", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "RESULTS.md").read_bytes() == first["RESULTS.md"]
+    # A new fine-tuning setting: only the NPD+PD copycat is trained again (from scratch);
+    # the steals and NPD-only copycats stay measured, their keys show the new recipe.
+    flags = [f for f in flags if not f.startswith("--finetune_epochs")]
+    proc = run_verb("study", *flags, "--finetune_epochs=2", "--parts=table", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "npd_pd changed since it was measured" in proc.stderr
+    again = json.loads((out / "study.json").read_text())
+    assert again["runs"]["npd_pd"]["stages"]["finetune"]["epochs_done"] == 2
+    for run in ("npd_200", "pd_only"):
+        assert again["runs"][run]["measured"] == study["runs"][run]["measured"]
+        assert again["runs"][run]["accuracy"] == study["runs"][run]["accuracy"]
+        assert again["runs"][run]["key"]["recipe"]["finetune_epochs"] == 2
+    assert again["datasets"]["natural"]["key"]["recipe"]["finetune_epochs"] == 2
 
 
 def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
@@ -279,6 +293,18 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     del recorded["defense"]
     assert same_key(recorded, data)
     assert not same_key(recorded, DatasetSpec("natural", Recipe(query_budget=1000), "top1"))
+    # Fields a spec never reads are not compared: training fields for a steal, fine-tuning
+    # fields for a copycat without PD data; an NPD+PD copycat compares them.
+    before = Recipe(query_budget=1000, finetune_epochs=5, finetune_learning_rate=5e-4)
+    after = dataclasses.replace(before, finetune_epochs=10, finetune_learning_rate=1e-3)
+    assert same_key(_key(DatasetSpec("natural", before)), DatasetSpec("natural", after))
+    retrained = dataclasses.replace(after, epochs=3, model="plain_cnn")
+    assert same_key(_key(DatasetSpec("natural", before)), DatasetSpec("natural", retrained))
+    npd = RunSpec("npd_1k", "natural", before, 1000)
+    assert same_key(_key(npd), dataclasses.replace(npd, recipe=after))
+    assert not same_key(_key(npd), dataclasses.replace(npd, recipe=retrained))
+    npd_pd = RunSpec("npd_pd", "natural", before, 1000, pd_dataset="pd")
+    assert not same_key(_key(npd_pd), dataclasses.replace(npd_pd, recipe=after))
 
 
 def test_datasets_table_is_in_name_order_however_the_study_was_filled():

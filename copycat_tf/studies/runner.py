@@ -20,13 +20,14 @@ import time
 from absl import logging
 
 from copycat_tf import pipeline
-from copycat_tf.recipe import Recipe, TargetRecipe
+from copycat_tf.recipe import FINETUNE_FIELDS, TRAINING_FIELDS, Recipe, TargetRecipe
 from copycat_tf.studies import detection, results
 from copycat_tf.studies.plan import (
     DEFENCES,
     PARTS,
     SELECTION_BUDGETS,
     SELECTION_STRATEGIES,
+    DatasetSpec,
     Plan,
     PlanSettings,
     RunSpec,
@@ -127,13 +128,31 @@ def _field_default(spec, name: str):
     return object()
 
 
+def _unused_fields(spec) -> tuple[str, ...]:
+    """Recipe fields `spec` never reads: a steal reads no training field, a copycat without
+    PD data no fine-tuning field."""
+    if isinstance(spec, DatasetSpec):
+        return TRAINING_FIELDS
+    if isinstance(spec, RunSpec) and not spec.pd_dataset:
+        return FINETUNE_FIELDS
+    return ()
+
+
 def same_key(recorded: dict, spec) -> bool:
-    """Whether a recorded key describes `spec`. Recipe fields added since the recording
-    count as the same when they hold their defaults (what the run did before they existed),
-    so a new knob does not make every finished run look unfinished."""
+    """Whether a recorded key describes `spec`. Recipe fields the spec never reads are not
+    compared (a new fine-tuning default leaves NPD-only copycats and every steal measured),
+    and fields added since the recording count as the same when they hold their defaults
+    (what the run did before they existed), so a new knob does not make every finished run
+    look unfinished."""
     current = _key(spec)
     if recorded == current:
         return True
+    unused = _unused_fields(spec)
+    if unused and "recipe" in recorded:
+        recorded = {**recorded, "recipe": _without(recorded["recipe"], unused)}
+        current = {**current, "recipe": _without(current["recipe"], unused)}
+        if recorded == current:
+            return True
     # Spec fields added since the recording, at their defaults, count as the same too.
     current = {k: v for k, v in current.items() if k in recorded or v != _field_default(spec, k)}
     defaults = _key(Recipe())
@@ -142,6 +161,10 @@ def same_key(recorded: dict, spec) -> bool:
         k: v for k, v in current["recipe"].items() if k in old or v != defaults.get(k, object())
     }
     return recorded == current
+
+
+def _without(recipe: dict, fields) -> dict:
+    return {k: v for k, v in recipe.items() if k not in fields}
 
 
 def load_study(results_dir: str) -> dict:
@@ -213,6 +236,16 @@ class _Study:
         old = self.study.get("target") or {}
         if {k: old.get(k) for k in entry} != entry:
             self.study["target"] = self._measured(entry)
+
+    def refresh_keys(self) -> None:
+        """Recorded keys that describe the plan's specs (same_key) but differ in fields the
+        spec never reads, or in fields added since at their defaults, are rewritten as the
+        current spec's: what was measured stays, and study.json shows the current recipe."""
+        for table, specs in (("datasets", self.plan.datasets), ("runs", self.plan.runs)):
+            for name, spec in specs.items():
+                recorded = self.study[table].get(name)
+                if recorded and recorded["key"] != _key(spec) and same_key(recorded["key"], spec):
+                    recorded["key"] = _key(spec)
 
     def done(self, run: str) -> bool:
         recorded = self.study["runs"].get(run)
@@ -325,6 +358,11 @@ class _Study:
                 self.dataset(dataset)
         logging.info("study: copycat %s", name)
         root = self.cfg.workdir
+        if name in self.study["runs"]:  # measured with other settings: start over
+            logging.info("study: %s changed since it was measured; trained from scratch", name)
+            for stale in (os.path.join(root, name), os.path.join(root, "models", name)):
+                shutil.rmtree(stale, ignore_errors=True)
+            del self.study["runs"][name]
         self._reuse_npd_stage(spec)
         summary = pipeline.train_copycat(
             spec.recipe,
@@ -413,6 +451,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     init_workdir(
         cfg.workdir, {"verb": "study", "name": cfg.name, "pd_data": cfg.pd_data}, flags_text
     )
+    runner.refresh_keys()
     todo = [run for run in plan.runs if not runner.done(run)]
     traffic = []
     if "detector" in cfg.parts:
