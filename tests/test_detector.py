@@ -276,6 +276,16 @@ def test_detector_bad_flag_from_the_command_line():
     assert len(lines) == 1 and "--detector_calibration" in lines[0], proc.stderr
 
 
+def _png_folder(folder, images, prefix: str = ""):
+    """`folder` (created when missing) with one PNG per image; returns it."""
+    import tensorflow as tf
+
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        (folder / f"{prefix}{i:02d}.png").write_bytes(tf.io.encode_png(image).numpy())
+    return folder
+
+
 def _flagfile(name: str, **replace) -> list[str]:
     """The flags of an experiment flagfile, some replaced (None: dropped)."""
     from cli_util import REPO
@@ -301,17 +311,13 @@ def test_cloud_api_emulation_end_to_end(tmp_path, tiny_export):
     client one PNG per request, spends its budget exactly, and the detector catches it."""
     import json
 
-    import tensorflow as tf
     from cli_util import REPO, run_verb
     from prometheus_client.parser import text_string_to_metric_families
     from server_util import ServerProcess
 
     keys = tmp_path / "keys"
     keys.write_text("cloud-key-1\n")
-    calibration = tmp_path / "calibration"
-    calibration.mkdir()
-    for i, image in enumerate(_pattern_images(60, seed=5, size=16)[0]):
-        (calibration / f"{i:02d}.png").write_bytes(tf.io.encode_png(image).numpy())
+    calibration = _png_folder(tmp_path / "calibration", _pattern_images(60, seed=5, size=16)[0])
     server_flags = _flagfile(
         "cloud_api_server.flags",
         rest_api_port=None,
@@ -367,14 +373,10 @@ def test_cloud_api_emulation_end_to_end(tmp_path, tiny_export):
 
 def test_ood_calibration_is_fitted_at_start_and_too_few_images_fail_there(tmp_path, tiny_export):
     """The server fits the ood model before it opens its ports; a calibration folder of 3
-    pictures (cycled into repeats) is refused there, in one line, not at the first request."""
-    import tensorflow as tf
+    pictures (taken once each) is refused there, in one line, not at the first request."""
     from cli_util import error_lines, run_verb
 
-    folder = tmp_path / "calibration"
-    folder.mkdir()
-    for i, image in enumerate(_pattern_images(3, seed=2, size=16)[0]):
-        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    folder = _png_folder(tmp_path / "calibration", _pattern_images(3, seed=2, size=16)[0])
     proc = run_verb(
         "model_server",
         f"--model_base_path={tiny_export[0]}",
@@ -389,7 +391,6 @@ def test_ood_calibration_is_fitted_at_start_and_too_few_images_fail_there(tmp_pa
     assert len(errors) == 1 and "3 distinct images of (16, 16, 1)" in errors[0], proc.stderr
     assert "--detector_calibration" in errors[0] and "Traceback" not in proc.stderr
     cfg = DetectorConfig(signals=("ood",), calibration=f"folder:{folder}", calibration_size=50)
-    for i, image in enumerate(_pattern_images(30, seed=3, size=16)[0]):
-        (folder / f"more{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    _png_folder(folder, _pattern_images(30, seed=3, size=16)[0], prefix="more")
     with in_process_server(tiny_export[0], detector=cfg) as server:
         assert list(server.core.detector._ood) == [(16, 16, 1)]  # before any request

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.recipe import Recipe
 
@@ -50,14 +51,8 @@ DEFENCE_LABEL_MODES = ("hard", "scores", "topk:3")
 
 
 # The selection part's defaults: strategies (each against random order) and budgets.
-SELECTION_STRATEGIES = (
-    "class_balance",
-    "entropy",
-    "margin",
-    "kcenter",
-    "entropy_kcenter",
-    "adaptive",
-)
+# Every query selection but random (the reference each is compared to).
+SELECTION_STRATEGIES = tuple(s for s in SELECTIONS if s != "random")
 SELECTION_BUDGETS = (5000, 10000)
 
 
