@@ -153,6 +153,7 @@ def budget_curve_figure(points: list[tuple[int, float, float, float]], title: st
         ax.plot(queries, [100 * p[i] for p in points], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xticks(queries, [f"{q / 1000:g}k" for q in queries])
+    ax.set_xticks([], minor=True)  # only the budgets measured are labelled
     ax.set_xlabel("NPD queries")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
@@ -182,6 +183,7 @@ def selection_curve_figure(points: dict[str, list[tuple[int, float]]], title: st
         ax.plot([q for q, _ in line], [100 * r for _, r in line], marker="o", label=label, **style)
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{q / 1000:g}k" for q in budgets])
+    ax.set_xticks([], minor=True)  # only the budgets measured are labelled
     ax.set_xlabel("NPD queries")
     ax.set_ylabel("accuracy copycat/target, %")
     ax.grid(alpha=0.3)
