@@ -155,7 +155,7 @@ class ModelServer:
           UserInputError: the calibration gives too few images (the models are unloaded).
         """
         detector = self.core.detector
-        if detector is None or "ood" not in detector.cfg.signals:
+        if detector is None:
             return
         for name in self.store.model_names():
             shape = image_shape(self.store.resolve(name))

@@ -231,7 +231,6 @@ def check_settings(parts, selections, selection_full, defences) -> None:
       UserInputError: an unknown part or strategy, or a defence spec the model server
         would refuse; the message names the flag.
     """
-    from copycat_tf.attack.selection import SELECTIONS
     from copycat_tf.errors import UserInputError
     from copycat_tf.server.defenses import parse_defense
 
@@ -252,10 +251,12 @@ def check_settings(parts, selections, selection_full, defences) -> None:
 
 
 def build_plan(s: PlanSettings) -> Plan:
-    """The plan of the standard parts (see PARTS)."""
-    unknown = [p for p in s.parts if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown study parts {unknown}; valid: {', '.join(PARTS)}")
+    """The plan of the standard parts (see PARTS).
+
+    Raises:
+      UserInputError: settings check_settings refuses.
+    """
+    check_settings(s.parts, s.selections, s.selection_full, s.defences)
     plan = Plan()
     base = s.recipe
     budget = base.query_budget

@@ -271,11 +271,15 @@ def _defence_costs(study: dict) -> list[str]:
 
 
 def defence_points(study: dict) -> dict[str, dict[str, float]]:
-    """{label mode: {defence: accuracy ratio}} of the defences part."""
+    """{label mode: {defence: accuracy ratio}} of the defences part (from the keys of each
+    row's run and of the dataset it was stolen into)."""
+    datasets = study.get("datasets", {})
     out: dict[str, dict[str, float]] = {}
-    for label, run in _group_rows(study, "defences"):
-        defence, mode = label.split("`, ", 1)
-        out.setdefault(mode.replace(" labels", ""), {})[defence.strip("`")] = run["ratio_accuracy"]
+    for _, run in _group_rows(study, "defences"):
+        key = run["key"]
+        stolen = datasets.get(key["dataset"], {}).get("key", {})
+        defence = stolen.get("defense", "none")
+        out.setdefault(key["recipe"]["label_mode"], {})[defence] = run["ratio_accuracy"]
     return out
 
 
