@@ -6,6 +6,7 @@ next to it), so the same study.json always gives the same bytes.
 
 from __future__ import annotations
 
+import math
 import os
 
 from copycat_tf import viz
@@ -84,7 +85,7 @@ def _queries(run: dict) -> str:
 
 
 def _train_seconds(run: dict) -> float:
-    return sum(stage["train_seconds"] or 0 for stage in run["stages"].values())
+    return math.fsum(stage["train_seconds"] or 0 for stage in run["stages"].values())
 
 
 def run_cells(label: str, run: dict) -> list[str]:
@@ -241,10 +242,12 @@ def _datasets_table(study: dict) -> str:
 
 
 def _totals(study: dict) -> str:
-    steal = sum(d["steal_seconds"] for d in study.get("datasets", {}).values())
+    # fsum: the exact sum, whatever the order of the dicts (measurement order in the run
+    # that measured, key order once read back from study.json): "20 s" and "21 s" differ.
+    steal = math.fsum(d["steal_seconds"] for d in study.get("datasets", {}).values())
     runs = study.get("runs", {}).values()
-    train = sum(_train_seconds(r) for r in runs)
-    evaluate = sum(r["evaluate_seconds"] for r in runs)
+    train = math.fsum(_train_seconds(r) for r in runs)
+    evaluate = math.fsum(r["evaluate_seconds"] for r in runs)
     return (
         f"Measured time of all steps: {_seconds(steal + train + evaluate)} (stealing "
         f"{_seconds(steal)}, copycat training {_seconds(train)}, evaluation "
