@@ -97,9 +97,9 @@ class Recipe:
       query_batch_size: images per request.
       max_in_flight: concurrent requests.
       crops_per_image: NPD items per source picture (in one pass over a folder).
-      npd_background, npd_invert, npd_jitter, npd_blur, npd_crop_area, npd_crop_aspect,
-        npd_cycle, npd_adapt_after: how natural pictures are prepared for the target
-        (data.preparation).
+      npd_background, npd_invert, npd_jitter, npd_jitter_on, npd_blur, npd_crop_area,
+        npd_crop_aspect, npd_cycle, npd_adapt_after: how natural pictures are prepared for
+        the target (data.preparation).
       selection: which NPD items are sent (attack.selection.SELECTIONS).
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
@@ -129,6 +129,7 @@ class Recipe:
     npd_background: str = "random"
     npd_invert: float = 0.5
     npd_jitter: float = 0.3
+    npd_jitter_on: str = "picture"
     npd_blur: float = 0.2
     npd_crop_area: str = "0.02,1.0"
     npd_crop_aspect: str = "0.75,1.33"

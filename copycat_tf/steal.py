@@ -12,6 +12,7 @@ from absl import flags
 
 from copycat_tf import cli
 from copycat_tf.attack.selection import SELECTIONS
+from copycat_tf.data.preparation import JITTER_ON
 from copycat_tf.recipe import Recipe
 
 RECIPE = Recipe()
@@ -72,6 +73,14 @@ flags.DEFINE_string(
 flags.DEFINE_float("npd_invert", RECIPE.npd_invert, "Probability of a polarity inversion per item.")
 flags.DEFINE_float(
     "npd_jitter", RECIPE.npd_jitter, "Strength of brightness/contrast/gamma jitter (0: none)."
+)
+flags.DEFINE_enum(
+    "npd_jitter_on",
+    RECIPE.npd_jitter_on,
+    list(JITTER_ON),
+    "What the jitter changes: picture (the picture before it is laid over its background, "
+    "which stays exact) or canvas (the whole image: datasets made before this flag existed "
+    "resume with canvas).",
 )
 flags.DEFINE_float("npd_blur", RECIPE.npd_blur, "Probability of a small Gaussian blur per item.")
 flags.DEFINE_string(

@@ -17,6 +17,7 @@ from absl import flags
 from copycat_tf import cli
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
+from copycat_tf.data.preparation import JITTER_ON
 from copycat_tf.recipe import Recipe, TargetRecipe
 from copycat_tf.studies.plan import DEFENCES, PARTS, SELECTION_BUDGETS, SELECTION_STRATEGIES
 
@@ -92,6 +93,12 @@ flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots fr
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
 flags.DEFINE_integer("query_budget", RECIPE.query_budget, "Queries of the reference attack.")
 flags.DEFINE_integer("crops_per_image", RECIPE.crops_per_image, "NPD items per source picture.")
+flags.DEFINE_enum(
+    "npd_jitter_on",
+    RECIPE.npd_jitter_on,
+    list(JITTER_ON),
+    "What the NPD preparation's jitter changes (steal --helpfull).",
+)
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", RECIPE.finetune_epochs, "NPD+PD epochs.", lower_bound=1)
 flags.DEFINE_enum("balance", RECIPE.balance, BALANCE_MODES, "Class balancing.")

@@ -9,6 +9,7 @@ from copycat_tf.data.generators import GENERATORS, dead_leaves
 from copycat_tf.data.npd import NpdStream
 from copycat_tf.data.preparation import LEGACY, Preparation
 from copycat_tf.errors import UserInputError
+from copycat_tf.recipe import Recipe
 
 
 def _items(stream, n, start=0):
@@ -200,6 +201,31 @@ def test_invert_jitter_and_blur_knobs(tmp_path):
     assert edges(blurred) < edges(plain)
 
 
+def test_jitter_on_the_picture_leaves_its_background_exact(tmp_path):
+    """--npd_jitter_on=picture jitters the picture before it is laid over its background
+    (what the adaptation rates as the item's arm); canvas, as datasets made before the knob,
+    jitters the composited image, background included."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    half = np.zeros((40, 40, 4), np.uint8)
+    half[8:32, 8:32] = (200, 120, 60, 255)  # an opaque patch; the rest transparent
+    Image.fromarray(half, "RGBA").save(folder / "half.png")
+    spec = f"folder:{folder}"
+    transparent = np.ones((16, 16), bool)
+    transparent[2:14, 2:14] = False  # the patch (edges included) in the 16x16 full view
+    for background, level in (("black", 0), ("white", 255)):
+        knobs = {"background": background, "jitter": 0.5, "cycle": True}
+        picture = NpdStream(spec, (16, 16, 1), preparation=_prep(**knobs))
+        canvas = NpdStream(spec, (16, 16, 1), preparation=_prep(jitter_on="canvas", **knobs))
+        on_picture = [picture.item(k).image[..., 0] for k in range(16)]
+        on_canvas = [canvas.item(k).image[..., 0] for k in range(16)]
+        assert all((x[transparent] == level).all() for x in on_picture)
+        assert sum((x[transparent] != level).any() for x in on_canvas) >= 2
+        # The picture itself is jittered either way.
+        assert len({int(x[8, 8]) for x in on_picture}) > 3
+    assert _prep().jitter_on == "picture" and Preparation.of(Recipe()).jitter_on == "picture"
+
+
 def test_crop_area_and_aspect_knobs():
     rng = np.random.default_rng(0)
     prep = _prep(crop_area="0.02,0.05", crop_aspect="0.5,2")
@@ -257,6 +283,7 @@ def _knobs(prep):
         ("crop_area", "0.5,0.1", "--npd_crop_area"),
         ("crop_area", "x", "--npd_crop_area"),
         ("jitter", -1.0, "--npd_jitter"),
+        ("jitter_on", "both", "--npd_jitter_on"),
     ],
 )
 def test_bad_preparation_knobs(knob, value, fragment):

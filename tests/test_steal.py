@@ -270,6 +270,39 @@ def test_steal_bad_input_in_process(server, tmp_path):
         steal(tmp_path / "c", target, budget=10)
 
 
+def test_a_dataset_made_before_jitter_on_resumes_with_its_pixels(server, tmp_path):
+    """A manifest whose preparation has no jitter_on was made with the jitter on the whole
+    canvas: resuming it under the new default is refused with the flag that resumes it,
+    and that flag continues it exactly as the uninterrupted run."""
+    from PIL import Image
+
+    folder = tmp_path / "npd"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+        rgba[..., 3] = np.where(rng.random((24, 24)) < 0.5, 0, 255)
+        Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
+    target = f"grpc://{server.grpc_target}/m"
+    canvas = Preparation.of(Recipe(npd_jitter_on="canvas", npd_adapt_after=0))
+    settings = dict(npd=f"folder:{folder}", crops_per_image=3)
+    steal(tmp_path / "whole", target, 40, preparation=canvas, **settings)
+    steal(tmp_path / "old", target, 20, preparation=canvas, **settings)
+    path = tmp_path / "old" / fd.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["npd"]["preparation"]["jitter_on"]  # as steal wrote it before the knob
+    path.write_text(json.dumps(manifest))
+    assert fd.read_manifest(str(tmp_path / "old"))["npd"]["preparation"]["jitter_on"] == "canvas"
+    picture = Preparation.of(Recipe(npd_adapt_after=0))
+    with pytest.raises(UserInputError, match="--npd_jitter_on=canvas"):
+        steal(tmp_path / "old", target, 40, preparation=picture, **settings)
+    steal(tmp_path / "old", target, 40, preparation=canvas, **settings)
+    assert layout(tmp_path / "old")[1] == layout(tmp_path / "whole")[1]
+    # The new default sends other pixels (the backgrounds stay exact).
+    steal(tmp_path / "new", target, 40, preparation=picture, **settings)
+    assert layout(tmp_path / "new")[1] != layout(tmp_path / "whole")[1]
+
+
 def test_resume_on_another_port_and_api(server, tiny_export, tmp_path):
     """The same model reached at another address (or over REST) continues the dataset."""
     steal(tmp_path / "r", f"grpc://{server.grpc_target}/m", budget=30)
@@ -388,6 +421,8 @@ def test_skew_advice_names_the_knobs_not_in_use():
     assert "--selection=class_balance" in full
     assert "--selection_pool" in skew_advice("synthetic:shapes", None, "class_balance")
     assert "a new steal with the NPD preparation" in skew_advice("folder:/x", LEGACY, "random")
+    canvas = Preparation.of(Recipe(npd_jitter_on="canvas"))
+    assert "--npd_jitter_on=picture" in skew_advice("folder:/x", canvas, "random")
 
 
 def test_skewed_labels_and_an_exhausted_stream_are_reported_at_once(tmp_path):

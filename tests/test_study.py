@@ -13,18 +13,17 @@ from copycat_tf.studies.plan import PARTS, PlanSettings, build_plan
 
 
 def test_plan_steals_and_trains_nothing_twice():
-    plan = build_plan(
-        PlanSettings(
-            recipe=Recipe(npd="synthetic:noise", query_budget=1000),
-            budgets=(500, 1000, 2000),
-            variant_budget=500,
-            data_free="shapes",
-            pd_budget=300,
-            pd_data="fashion_mnist",
-            parts=tuple(PARTS),
-            selection_budgets=(500, 1000),
-        )
+    settings = PlanSettings(
+        recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+        budgets=(500, 1000, 2000),
+        variant_budget=500,
+        data_free="shapes",
+        pd_budget=300,
+        pd_data="fashion_mnist",
+        parts=tuple(PARTS),
+        selection_budgets=(500, 1000),
     )
+    plan = build_plan(settings)
     # One natural steal of the largest budget serves the whole curve and the comparisons.
     assert plan.datasets["natural"].recipe.query_budget == 2000
     assert plan.datasets["pd"].recipe.crops_per_image == 1
@@ -38,6 +37,7 @@ def test_plan_steals_and_trains_nothing_twice():
         "copycat",
         "selection",
         "defences",
+        "preparation",
     }
     # Comparisons at the variant budget share the reference recipe's first 500 queries.
     small = {row.group for row in plan.rows if row.run == "npd_500"}
@@ -47,6 +47,12 @@ def test_plan_steals_and_trains_nothing_twice():
     assert (chosen.selection, chosen.query_budget) == ("kcenter", 1000)
     assert {f"sel_{s}_500" for s in ("class_balance", "entropy", "kcenter")} <= set(plan.runs)
     assert plan.datasets["prep_white"].recipe.npd_background == "white"
+    # The other side of the jitter knob, whichever the reference uses.
+    assert plan.datasets["prep_jitter_on_canvas"].recipe.npd_jitter_on == "canvas"
+    assert plan.runs["prep_jitter_on_canvas"].max_records == 500
+    assert plan.runs["prep_jitter_on_canvas_1k"].max_records == 1000
+    pinned = dataclasses.replace(settings, recipe=Recipe(npd="x", npd_jitter_on="canvas"))
+    assert "prep_jitter_on_picture_50k" in build_plan(pinned).runs
     assert plan.datasets["gen_leaves"].recipe.npd == "synthetic:leaves"
     assert plan.runs["labels_scores"].recipe.label_mode == "scores"
     assert plan.runs["npd_pd"].pd_dataset == "pd"
@@ -327,6 +333,13 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     assert not same_key(_key(npd), dataclasses.replace(npd, recipe=retrained))
     npd_pd = RunSpec("npd_pd", "natural", before, 1000, pd_dataset="pd")
     assert not same_key(_key(npd_pd), dataclasses.replace(npd_pd, recipe=after))
+    # A knob whose default is not what runs did before it existed (the jitter moved from
+    # the canvas to the picture): a recording without it did the old thing.
+    old = _key(DatasetSpec("natural", Recipe(query_budget=1000, npd_jitter_on="canvas")))
+    del old["recipe"]["npd_jitter_on"]
+    assert not same_key(old, DatasetSpec("natural", Recipe(query_budget=1000)))
+    pinned = DatasetSpec("natural", Recipe(query_budget=1000, npd_jitter_on="canvas"))
+    assert same_key(old, pinned)
 
 
 def test_datasets_table_is_in_name_order_however_the_study_was_filled():

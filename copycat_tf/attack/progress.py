@@ -36,6 +36,8 @@ def skew_advice(npd: str, preparation, selection: str) -> str:
             knobs.append("--npd_invert=0.5")
         if not preparation.jitter:
             knobs.append("--npd_jitter=0.3")
+        elif preparation.jitter_on == "canvas":
+            knobs.append("--npd_jitter_on=picture (backgrounds stay what the arms say)")
         if preparation.crop_area[0] > 0.05:
             knobs.append("smaller --npd_crop_area (e.g. 0.02,1.0)")
         if not preparation.adapt_after and len(preparation.arms) > 1:

@@ -50,8 +50,13 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
     if differs:
         detail = "; ".join(f"{k}: {manifest.get(k)} != {identity[k]}" for k in differs)
         hint = ""
-        if (manifest.get("npd") or {}).get("preparation") == {"legacy": True}:
+        made = (manifest.get("npd") or {}).get("preparation") or {}
+        wanted = identity["npd"]["preparation"]
+        if made == {"legacy": True}:
             hint = " (it was made before NPD preparation existed: resume it with --npd_legacy)"
+        elif made.get("jitter_on") and made.get("jitter_on") != wanted.get("jitter_on"):
+            on = made["jitter_on"]
+            hint = f" (its jitter is on the {on}: resume it with --npd_jitter_on={on})"
         raise UserInputError(
             f"--output_dir {directory} holds a fake dataset of another run ({detail}); use a "
             "new --output_dir, or the original --target/--npd/--seed/--label_mode and NPD "

@@ -39,6 +39,8 @@ MANIFEST = "manifest.json"
 # 2: "harvest_seconds" became "steal_seconds" and the NPD record gained "preparation";
 # version-1 manifests are read (upgraded in memory, written back as version 2 when a steal
 # resumes them with --npd_legacy, which reproduces their pixels).
+# A version-2 preparation record without "jitter_on" was made with the jitter on the whole
+# canvas (read as jitter_on "canvas", which reproduces its pixels).
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -167,6 +169,9 @@ def _upgrade(manifest: dict) -> dict:
         manifest["npd"]["preparation"] = {"legacy": True}
         manifest["schema_version"] = 2
     manifest.setdefault("selection", "random")  # made before query selection existed
+    preparation = (manifest.get("npd") or {}).get("preparation") or {}
+    if preparation and not preparation.get("legacy"):
+        preparation.setdefault("jitter_on", "canvas")  # made before jitter_on existed
     return manifest
 
 

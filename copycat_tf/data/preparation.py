@@ -9,6 +9,11 @@ so it is reproducible and part of the dataset's identity):
                random colour, or a random texture (chosen per item among those allowed)
   invert       probability of a polarity inversion (light-on-dark <-> dark-on-light)
   jitter       strength of random brightness, contrast and gamma changes (0: none)
+  jitter_on    what the jitter changes: "picture" (the picture's own pixels, before it is
+               laid over its background, so the background stays the arm's exactly) or
+               "canvas" (the composited image, background included: datasets made before
+               jitter_on existed; a black background jittered to grey is no longer black,
+               and the arm the adaptation rates is not what was sent)
   blur         probability of a small Gaussian blur
   crop_area    range of the crop's share of the picture (small shares zoom into detail,
                which matters at 28x28); the first crop of a picture is its full view
@@ -37,6 +42,7 @@ from copycat_tf.data import images
 from copycat_tf.errors import UserInputError
 
 BACKGROUNDS = ("black", "white", "grey", "colour", "texture")
+JITTER_ON = ("picture", "canvas")
 # Adaptive arm weights: 2^(SHARPNESS * bits) per arm, each arm kept at >= ARM_FLOOR.
 SHARPNESS = 2.0
 ARM_FLOOR = 0.02
@@ -73,6 +79,7 @@ class Preparation:
     cycle: bool
     adapt_after: int = 0
     legacy: bool = False
+    jitter_on: str = "picture"
 
     @classmethod
     def parse(
@@ -86,6 +93,7 @@ class Preparation:
         cycle: bool,
         adapt_after: int = 0,
         legacy: bool = False,
+        jitter_on: str = "picture",
     ) -> Preparation:
         """From the flags' values (background "random" allows every kind).
 
@@ -103,6 +111,10 @@ class Preparation:
             )
         if not 0.0 <= jitter <= 1.0:
             raise UserInputError(f"--npd_jitter={jitter} is invalid; expected 0..1")
+        if jitter_on not in JITTER_ON:
+            raise UserInputError(
+                f"--npd_jitter_on={jitter_on!r} is invalid; expected {' or '.join(JITTER_ON)}"
+            )
         if adapt_after < 0:
             raise UserInputError(f"--npd_adapt_after={adapt_after}; expected >= 0 (0: off)")
         return cls(
@@ -114,6 +126,7 @@ class Preparation:
             crop_aspect=_range(crop_aspect, "npd_crop_aspect", 0.1, 10.0),
             cycle=bool(cycle),
             adapt_after=int(adapt_after),
+            jitter_on=jitter_on,
         )
 
     @classmethod
@@ -133,6 +146,7 @@ class Preparation:
             cycle=recipe.npd_cycle,
             adapt_after=recipe.npd_adapt_after,
             legacy=legacy,
+            jitter_on=recipe.npd_jitter_on,
         )
 
     def to_dict(self) -> dict:
@@ -186,20 +200,29 @@ class Preparation:
         height, width, channels = shape
         background, inverted = self.arms[self.draw_arm(rng, weights)]
         rgba = images.crop_rgba(picture, height, width, box)
+        if self.jitter and self.jitter_on == "picture":
+            gamma, contrast, brightness = self._jitter(rng)
+            alpha = rgba[..., 3:]
+            rgb = rgba[..., :3] ** gamma
+            mean = float((rgb * alpha).sum() / max(1e-6, 3 * float(alpha.sum())))
+            rgb = np.clip((rgb - mean) * contrast + mean + brightness, 0.0, 1.0)
+            rgba = np.concatenate([rgb, alpha], axis=-1)
         rgb = images.composite(rgba, _background(background, rng, height, width))
         x = images.to_channels(rgb, channels)
         if inverted:
             x = 1.0 - x
-        if self.jitter:
-            j = self.jitter
-            gamma = math.exp(rng.uniform(-j, j))
-            contrast = 1.0 + rng.uniform(-j, j)
-            brightness = rng.uniform(-j, j) / 2
+        if self.jitter and self.jitter_on == "canvas":
+            gamma, contrast, brightness = self._jitter(rng)
             x = np.clip(x, 0.0, 1.0) ** gamma
             x = (x - x.mean()) * contrast + x.mean() + brightness
         if rng.random() < self.blur:
             x = images.gaussian_blur(x, rng.uniform(0.5, 1.2))
         return images.to_uint8(x)
+
+    def _jitter(self, rng: np.random.Generator) -> tuple[float, float, float]:
+        """(gamma, contrast, brightness) of one item."""
+        j = self.jitter
+        return math.exp(rng.uniform(-j, j)), 1.0 + rng.uniform(-j, j), rng.uniform(-j, j) / 2
 
 
 def _background(kind: str, rng: np.random.Generator, height: int, width: int) -> np.ndarray:

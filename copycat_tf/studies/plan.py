@@ -18,6 +18,7 @@ import dataclasses
 
 from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.generators import GENERATOR_NAMES
+from copycat_tf.data.preparation import JITTER_ON
 from copycat_tf.recipe import Recipe
 
 # The parts a study can run, in report order, with their titles.
@@ -297,8 +298,18 @@ def build_plan(s: PlanSettings) -> Plan:
 
     if "preparation" in s.parts:
         plan.row("preparation", "the recipe's preparation", npd_run(s.variant_budget))
+        plan.row("preparation", f"the recipe's preparation, {budget:,} queries", reference)
         for name, label, fields in PREPARATION_VARIANTS:
             variant("preparation", "prep", name, label, dataclasses.replace(small, **fields))
+        # The other side of the jitter knob at the variant budget and at the reference's
+        # (one steal of the larger budget serves both).
+        other = next(on for on in JITTER_ON if on != base.npd_jitter_on)
+        recipe = dataclasses.replace(base, npd_jitter_on=other)
+        data = plan.dataset(f"prep_jitter_on_{other}", recipe)
+        label = f"jitter on the {other} (`--npd_jitter_on={other}`)"
+        for n, name in ((s.variant_budget, ""), (budget, f"_{_k(budget)}")):
+            run = RunSpec(f"prep_jitter_on_{other}{name}", data, recipe, max_records=n)
+            plan.row("preparation", f"{label}, {n:,} queries", plan.run(run))
     if "generators" in s.parts:
         plan.row("generators", f"natural: `{base.resolved_npd()}`", npd_run(s.variant_budget))
         for name in GENERATOR_NAMES:

@@ -36,6 +36,7 @@ RECIPE_FIELDS = (
     "npd_background",
     "npd_invert",
     "npd_jitter",
+    "npd_jitter_on",
     "npd_blur",
     "npd_crop_area",
     "npd_crop_aspect",

@@ -138,6 +138,19 @@ def _unused_fields(spec) -> tuple[str, ...]:
     return ()
 
 
+# Recipe fields added since a recording whose earlier behaviour is not their default: a
+# recorded key without the field did this.
+RECORDED_BEFORE = {"npd_jitter_on": "canvas"}
+
+
+def _as_now(recorded: dict) -> dict:
+    """A recorded key with the fields added since, holding what the recording did."""
+    recipe = recorded.get("recipe")
+    if recipe is None or all(name in recipe for name in RECORDED_BEFORE):
+        return recorded
+    return {**recorded, "recipe": {**RECORDED_BEFORE, **recipe}}
+
+
 def same_key(recorded: dict, spec) -> bool:
     """Whether a recorded key describes `spec`. Recipe fields the spec never reads are not
     compared (a new fine-tuning default leaves NPD-only copycats and every steal measured),
@@ -147,6 +160,7 @@ def same_key(recorded: dict, spec) -> bool:
     current = _key(spec)
     if recorded == current:
         return True
+    recorded = _as_now(recorded)
     unused = _unused_fields(spec)
     if unused and "recipe" in recorded:
         recorded = {**recorded, "recipe": _without(recorded["recipe"], unused)}
