@@ -380,6 +380,19 @@ def test_model_server_port_in_use(tiny_export):
     assert f"cannot bind gRPC port 127.0.0.1:{port}" in error_lines(proc)[-1]
 
 
+def test_server_process_takes_new_ports_when_its_ports_were_taken(tiny_export):
+    """Between choosing a free port and the server binding it, another process (a parallel
+    test worker) may take it: the runner starts again on new ports."""
+    server = ServerProcess(f"--model_base_path={tiny_export[0]}", "--model_name=m")
+    taken = server.grpc_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        with server:
+            assert server.grpc_port != taken and f"--port={server.grpc_port}" in server.args
+            assert grpc_predict(server.grpc_target, images(1)).outputs["classes"].int64_val
+
+
 def test_batching_parameters_file_with_a_misspelt_field(tmp_path, tiny_export):
     good = tmp_path / "good.txt"
     good.write_text("max_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n")

@@ -21,6 +21,10 @@ import requests
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# Starts a server tries when its ports were taken before it could bind them.
+BIND_ATTEMPTS = 3
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
@@ -161,21 +165,36 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full pipe
         # would block its logging.
-        with open(self._stderr_path, "w") as log:
-            self.proc = spawn(self.args, env, log)
-        try:
-            wait_available(
-                self.rest_port,
-                self.model,
-                timeout_s,
-                proc=self.proc,
-                log_path=self._stderr_path,
-                api_key=self.api_key,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(BIND_ATTEMPTS):
+            with open(self._stderr_path, "w") as log:
+                self.proc = spawn(self.args, env, log)
+            try:
+                wait_available(
+                    self.rest_port,
+                    self.model,
+                    timeout_s,
+                    proc=self.proc,
+                    log_path=self._stderr_path,
+                    api_key=self.api_key,
+                )
+                return self
+            except RuntimeError:
+                self.stop()
+                # Another process took a port between free_port() and the server's bind
+                # (e.g. parallel test workers): new ports, once more.
+                if "cannot bind" not in self.log() or attempt == BIND_ATTEMPTS - 1:
+                    raise
+                self._new_ports()
+            except BaseException:
+                self.stop()
+                raise
         return self
+
+    def _new_ports(self) -> None:
+        old = (f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}")
+        self.grpc_port, self.rest_port = free_port(), free_port()
+        new = (f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}")
+        self.args = [dict(zip(old, new, strict=True)).get(a, a) for a in self.args]
 
     def log(self) -> str:
         """What the server has written to stderr so far."""
