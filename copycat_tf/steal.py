@@ -6,6 +6,10 @@ Writes <output_dir>/fake-NNNNN-of-MMMMM.tfrecord shards, manifest.json, and Tens
 summaries under <output_dir>/tensorboard. Every answer is journaled the moment it arrives:
 re-running the same command after a kill or an error continues where it stopped and
 never pays for a query twice. --query_budget is a hard cap on images answered.
+
+  python -m copycat_tf.steal --merge=DIR0,DIR1 --output_dir=OUT
+
+merges the datasets of the workers of a split steal (--shard_index/--num_shards) into one.
 """
 
 from absl import flags
@@ -195,7 +199,17 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("input_shape", "", "JSON client: HxWxC the API takes, e.g. 224x224x3.")
 flags.DEFINE_list("class_names", [], "JSON client: the API's class names, in label order.")
+flags.DEFINE_list(
+    "merge",
+    [],
+    "Instead of stealing: merge the --output_dir of every worker of one split steal "
+    "(--shard_index/--num_shards), comma-separated, into one dataset in --output_dir.",
+)
 FLAGS = flags.FLAGS
+
+
+# Required unless --merge is given.
+STEAL_REQUIRED = ("target", "npd", "query_budget")
 
 
 def _input_shape():
@@ -216,8 +230,17 @@ def main(argv):
     del argv
     from copycat_tf.attack.steal import StealConfig, format_summary, steal
     from copycat_tf.data.preparation import Preparation
+    from copycat_tf.errors import UserInputError
     from copycat_tf.targets.retry import RetryPolicy
 
+    if FLAGS.merge:
+        from copycat_tf.attack.merge import format_merge, merge
+
+        print(format_merge(merge(FLAGS.merge, FLAGS.output_dir), FLAGS.output_dir))
+        return
+    missing = [f"--{name}" for name in STEAL_REQUIRED if FLAGS[name].value is None]
+    if missing:
+        raise UserInputError(f"{', '.join(missing)} required (or --merge=DIR,... to merge)")
     manifest = steal(
         StealConfig(
             target=FLAGS.target,
@@ -259,7 +282,7 @@ def main(argv):
 
 def entry() -> None:
     """The console script (copycat-...) and `python -m copycat_tf.steal`."""
-    cli.run(main, required=("target", "npd", "output_dir", "query_budget"))
+    cli.run(main, required=("output_dir",))
 
 
 if __name__ == "__main__":

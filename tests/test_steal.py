@@ -303,6 +303,72 @@ def test_a_dataset_made_before_jitter_on_resumes_with_its_pixels(server, tmp_pat
     assert layout(tmp_path / "new")[1] != layout(tmp_path / "whole")[1]
 
 
+def test_merge_the_workers_of_a_split_steal(server, tmp_path):
+    """Two workers of one steal become one dataset: the records of the unsplit run (same
+    positions, pixels, sources), one manifest with summed figures; what is not one run's
+    complete set of finished workers is refused."""
+    from copycat_tf.attack.merge import merge
+
+    target = f"grpc://{server.grpc_target}/m"
+    for i in range(2):
+        steal(tmp_path / f"w{i}", target, 30, shard_index=i, num_shards=2)
+    single = steal(tmp_path / "single", target, 60)
+    workers = [str(tmp_path / "w1"), str(tmp_path / "w0")]  # any order
+    m = merge(workers, str(tmp_path / "merged"))
+    assert (m["records"], m["queries_spent"], m["num_workers"], m["status"]) == (
+        60,
+        60,
+        2,
+        "complete",
+    )
+    assert sum(m["label_histogram"]) == 60 and m["label_statistics"]["answers"] == 60
+    assert [w["shard_index"] for w in m["workers"]] == [0, 1]
+    pixels = lambda d: sorted((r[0], r[2], r[3]) for r in layout(d)[1])  # noqa: E731
+    assert pixels(tmp_path / "merged") == pixels(tmp_path / "single")
+    assert single["records"] == 60
+    data = fd.load_fake_data([str(tmp_path / "merged")])
+    assert sorted(data.query_indices.tolist()) == list(range(60))
+    # A merge is not a steal's dataset: steal refuses to resume it.
+    with pytest.raises(UserInputError, match="merge of worker datasets"):
+        steal(tmp_path / "merged", target, 90)
+    with pytest.raises(UserInputError, match="not empty"):
+        merge(workers, str(tmp_path / "merged"))
+    with pytest.raises(UserInputError, match="given twice"):
+        merge([workers[0], workers[0]], str(tmp_path / "x"))
+    with pytest.raises(UserInputError, match="at least two"):
+        merge(workers[:1], str(tmp_path / "x"))
+    steal(tmp_path / "other_seed", target, 30, shard_index=1, num_shards=2, seed=5)
+    with pytest.raises(UserInputError, match="not workers of one steal"):
+        merge([workers[1], str(tmp_path / "other_seed")], str(tmp_path / "x"))
+    for i in range(2):
+        steal(tmp_path / f"t{i}", target, 10, shard_index=i, num_shards=3)
+    with pytest.raises(UserInputError, match="shard_index 2 missing"):
+        merge([str(tmp_path / "t0"), str(tmp_path / "t1")], str(tmp_path / "x"))
+    path = tmp_path / "w0" / fd.MANIFEST
+    path.write_text(path.read_text().replace('"status": "complete"', '"status": "stopped"'))
+    with pytest.raises(UserInputError, match="w0 is stopped"):
+        merge(workers, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")  # nothing that could pass for a dataset
+
+
+def test_merge_and_steal_flags_on_the_command_line(server, tmp_path):
+    target = f"grpc://{server.grpc_target}/m"
+    for i in range(2):
+        steal(tmp_path / f"w{i}", target, 20, shard_index=i, num_shards=2)
+    merged = tmp_path / "merged"
+    proc = run_verb(
+        "steal", f"--merge={tmp_path / 'w0'},{tmp_path / 'w1'}", f"--output_dir={merged}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 2 workers (complete): 40 records" in proc.stdout
+    assert fd.read_manifest(str(merged))["records"] == 40
+    proc = run_verb("steal", f"--output_dir={tmp_path / 'new'}", "--npd=synthetic:noise")
+    assert proc.returncode == 2
+    assert error_lines(proc) == [
+        "steal: error: --target, --query_budget required (or --merge=DIR,... to merge)"
+    ]
+
+
 def test_resume_on_another_port_and_api(server, tiny_export, tmp_path):
     """The same model reached at another address (or over REST) continues the dataset."""
     steal(tmp_path / "r", f"grpc://{server.grpc_target}/m", budget=30)
@@ -495,10 +561,12 @@ def test_adaptive_preparation_resumes_with_the_same_choices(tmp_path):
     assert layout(tmp_path / "parts")[1] == layout(tmp_path / "whole")[1]
 
 
-def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path):
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh_rounds", "selection_reuse"])
+def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path, reuse):
     """kill -9 in the middle of a prepared, adaptive folder steal choosing its queries in
     rounds (killed while stealing or while a scout trains); the resumed dataset is the
-    uninterrupted one."""
+    uninterrupted one. With --selection_reuse a round also carries the round before's
+    unchosen candidates over and warm-starts its scout from the saved one."""
     import signal
     import subprocess
     import sys
@@ -535,6 +603,7 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path):
                 "--selection=class_balance",
                 "--selection_round=120",
                 "--noprogress",
+                *(["--selection_reuse"] if reuse else []),
             ]
 
         clean = subprocess.run(command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True)
@@ -563,6 +632,8 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path):
     clean = fd.read_manifest(str(tmp_path / "clean"))
     assert killed["npd_adaptation"] == clean["npd_adaptation"]
     assert [r["after"] for r in killed["selection_record"]["rounds"]] == [120, 240]
+    carried = [r.get("carried", 0) for r in killed["selection_record"]["rounds"]]
+    assert (carried[1] > 0) == reuse, killed["selection_record"]["rounds"]
 
 
 def _label_entropy(labels, num_classes):

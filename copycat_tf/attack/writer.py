@@ -52,7 +52,9 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
         hint = ""
         made = (manifest.get("npd") or {}).get("preparation") or {}
         wanted = identity["npd"]["preparation"]
-        if made == {"legacy": True}:
+        if (manifest.get("npd") or {}).get("merged"):
+            hint = " (it is a merge of worker datasets: resume the workers, then merge again)"
+        elif made == {"legacy": True}:
             hint = " (it was made before NPD preparation existed: resume it with --npd_legacy)"
         elif made.get("jitter_on") and made.get("jitter_on") != wanted.get("jitter_on"):
             on = made["jitter_on"]
