@@ -297,8 +297,10 @@ def build_plan(s: PlanSettings) -> Plan:
         plan.row(part, label, plan.run(RunSpec(f"{prefix}_{name}", data, recipe)))
 
     if "preparation" in s.parts:
-        plan.row("preparation", "the recipe's preparation", npd_run(s.variant_budget))
-        plan.row("preparation", f"the recipe's preparation, {budget:,} queries", reference)
+        plan.row("preparation", "the reference attack's preparation", npd_run(s.variant_budget))
+        plan.row(
+            "preparation", f"the reference attack's preparation, {budget:,} queries", reference
+        )
         for name, label, fields in PREPARATION_VARIANTS:
             variant("preparation", "prep", name, label, dataclasses.replace(small, **fields))
         # The other side of the jitter knob at the variant budget and at the reference's
