@@ -21,7 +21,7 @@ import requests
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# Starts a server tries when its ports were taken before it could bind them.
+# Times a server is started, on new ports each time, when its ports were taken first.
 BIND_ATTEMPTS = 3
 
 
