@@ -28,13 +28,14 @@ FINISHED = ("complete", "exhausted")
 
 
 def _worker_identity(manifest: dict) -> dict:
-    """What every worker of one run shares (its own shard_index left out)."""
-    npd = {k: v for k, v in manifest["npd"].items() if k != "shard_index"}
+    """What every worker of one run shares (its own shard_index left out), flat: the NPD
+    record's fields as "npd.<field>", so a difference names the field."""
+    npd = {f"npd.{k}": v for k, v in manifest["npd"].items() if k != "shard_index"}
     return {
         "target": manifest["target"],
-        "npd": npd,
         "label_mode": manifest["label_mode"],
         "selection": manifest.get("selection", "random"),
+        **npd,
     }
 
 
@@ -64,15 +65,13 @@ def _check_one_run(workers: list[tuple[str, dict]]) -> int:
     reference = _worker_identity(first)
     for directory, manifest in workers[1:]:
         theirs = _worker_identity(manifest)
-        differs = [k for k in reference if theirs[k] != reference[k]]
-        differs += [
-            f"npd.{k}" for k in reference["npd"] if theirs["npd"].get(k) != reference["npd"][k]
-        ]
+        differs = sorted(
+            k for k in reference.keys() | theirs.keys() if theirs.get(k) != reference.get(k)
+        )
         if differs:
             raise UserInputError(
                 f"--merge: {directory} and {first_dir} are not workers of one steal "
-                f"({', '.join(d for d in differs if d != 'npd')} differ); merge the workers of "
-                "one run only"
+                f"({', '.join(differs)} differ); merge the workers of one run only"
             )
     num_shards = int(first["npd"]["num_shards"])
     seen = sorted(int(m["npd"]["shard_index"]) for _, m in workers)

@@ -50,9 +50,10 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
     if differs:
         detail = "; ".join(f"{k}: {manifest.get(k)} != {identity[k]}" for k in differs)
         hint = ""
-        made = (manifest.get("npd") or {}).get("preparation") or {}
+        npd = manifest.get("npd") or {}
+        made = npd.get("preparation") or {}
         wanted = identity["npd"]["preparation"]
-        if (manifest.get("npd") or {}).get("merged"):
+        if npd.get("merged"):
             hint = " (it is a merge of worker datasets: resume the workers, then merge again)"
         elif made == {"legacy": True}:
             hint = " (it was made before NPD preparation existed: resume it with --npd_legacy)"
