@@ -32,6 +32,16 @@ def test_block_average_and_feature_bounds():
     # uneven cells: 5 rows in 2 cells -> 2 + 3
     odd = block_average(np.ones((1, 5, 5, 3), np.uint8) * 7, (2, 2))
     assert odd.shape == (1, 2, 2, 3) and np.all(odd == 7)
+    # uneven cells in both directions: each the mean of its pixels
+    x = np.random.default_rng(0).integers(0, 256, (4, 28, 30, 3), dtype=np.uint8)
+    rows, cols = np.linspace(0, 28, 9).astype(int), np.linspace(0, 30, 8).astype(int)
+    expected = [
+        [x[:, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean(axis=(1, 2)) for j in range(7)]
+        for i in range(8)
+    ]
+    np.testing.assert_allclose(
+        block_average(x, (8, 7)), np.transpose(expected, (2, 0, 1, 3)), rtol=1e-6
+    )
     # raw pixels when they fit, block averages of at most 1,024 values when not
     assert prada_features(np.zeros((3, 28, 28, 1), np.uint8)).shape == (3, 784)
     big = prada_features(np.zeros((2, 64, 64, 3), np.uint8))
@@ -43,6 +53,79 @@ def test_shapiro_w():
     assert shapiro_w(rng.normal(size=500)) > 0.99
     assert shapiro_w(rng.exponential(size=500) ** 3) < 0.6
     assert shapiro_w(np.ones(50)) == 1.0
+
+
+def test_shapiro_w_equals_scipy():
+    """Our W (kept coefficients, a sort and two sums) is scipy's statistic."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    for n in (11, 12, 13, 50, 257, 2048, 5000):
+        for values in (rng.normal(size=n), rng.exponential(size=n) ** 2, rng.uniform(size=n)):
+            assert shapiro_w(values) == pytest.approx(stats.shapiro(values).statistic, abs=1e-6)
+
+
+def _prada_one_by_one(state, feats, classes, max_set):
+    """PRADA as the paper states it, a query at a time (what _Client.prada must equal); a
+    request's queries are taken class by class, in their order within each class."""
+    import math
+
+    order = np.argsort(classes, kind="stable")
+    for x, c in zip(feats[order], classes[order], strict=True):
+        stored = state.sets.get(int(c))
+        d = math.inf if stored is None else float(np.sqrt(((stored - x) ** 2).sum(1)).min())
+        count, total, squares = state.set_sums.get(int(c), (0, 0.0, 0.0))
+        grows = state.stored < max_set
+        if d == math.inf:
+            if not grows:
+                continue
+        elif d < 1e-6:  # an exact repeat
+            continue
+        else:
+            state.distances.append(d)
+            if not (grows and d > state.thresholds.get(int(c), 0.0)):
+                continue
+            count, total, squares = count + 1, total + d, squares + d * d
+            mean = total / count
+            state.thresholds[int(c)] = mean - math.sqrt(max(squares / count - mean * mean, 0))
+            state.set_sums[int(c)] = (count, total, squares)
+        state.sets[int(c)] = x[None] if stored is None else np.concatenate([stored, x[None]])
+        state.stored += 1
+
+
+@pytest.mark.parametrize("max_set", [3000, 40])
+def test_prada_requests_equal_queries_one_by_one(max_set):
+    """A request's vectorised runs give the distances, sets and thresholds of its rows
+    taken one by one: fresh queries, near copies, exact repeats, a set that fills up."""
+    from copycat_tf.server.detector import _Client
+
+    cfg = DetectorConfig(signals=("prada",), max_set=max_set)
+    fast, slow = _Client(cfg), _Client(cfg)
+    rng = np.random.default_rng(3)
+    seen = []
+    for r in range(8):
+        fresh = rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8)
+        near = np.clip(fresh.astype(int) + rng.integers(-3, 4, fresh.shape), 0, 255)
+        images = np.concatenate([fresh, near.astype(np.uint8), *seen[-1:]])
+        classes = rng.integers(0, 4, len(images))
+        order = rng.permutation(len(images))
+        images, classes = images[order], classes[order]
+        seen.append(fresh[:16])
+        feats = prada_features(images)
+        fast.prada(feats, classes, max_set)
+        _prada_one_by_one(slow, feats, classes, max_set)
+        assert fast.stored == slow.stored, r
+        # float32 matrix products: distances agree to ~1e-4 (near copies lie ~0.1 apart)
+        np.testing.assert_allclose(list(fast.distances), list(slow.distances), atol=2e-4)
+        assert sorted(fast.sets) == sorted(slow.sets)
+        for c, vectors in slow.sets.items():
+            np.testing.assert_array_equal(fast.sets[c], vectors)
+            assert fast.thresholds.get(c) == pytest.approx(slow.thresholds.get(c), abs=2e-4)
+    assert len(slow.distances) > 500
+    if max_set == 40:
+        assert slow.stored == 40  # the set filled up and the runs went on without it
+    else:
+        assert slow.stored > 40  # the set grew in every round, never full
 
 
 def _pattern_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 import threading
@@ -163,16 +164,24 @@ def block_average(images: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         rows = images.astype(np.float32).reshape(n, gh, h // gh, w * c).sum(axis=2)
         cells = rows.reshape(n, gh, gw, w // gw, c).sum(axis=3)
         return cells / float((h // gh) * (w // gw))
-    x = images.astype(np.float32)
-    for axis, cells in ((1, gh), (2, gw)):
-        size = x.shape[axis]
-        starts = np.linspace(0, size, cells + 1).astype(int)[:-1]
-        sums = np.add.reduceat(x, starts, axis=axis)
-        counts = np.diff(np.append(starts, size)).reshape(
-            [-1 if a == axis else 1 for a in range(x.ndim)]
-        )
-        x = sums / counts
-    return x
+    # Uneven cells: each axis's cell sums as one small 0/1 matrix product ([N, C, H, W]
+    # @ ...; sums of whole pixel values are exact in float32), then one division.
+    rows, row_counts = _cells(h, gh)
+    cols, col_counts = _cells(w, gw)
+    sums = rows @ images.astype(np.float32).transpose(0, 3, 1, 2) @ cols.T
+    return (sums / np.outer(row_counts, col_counts)).transpose(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cells(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """[cells, size] 0/1 matrix whose row k picks the k-th of `cells` near-equal runs of
+    `size` pixels, and the runs' lengths."""
+    starts = np.linspace(0, size, cells + 1).astype(int)
+    member = np.zeros((cells, size), np.float32)
+    for k in range(cells):
+        member[k, starts[k] : starts[k + 1]] = 1.0
+    member.flags.writeable = False
+    return member, np.diff(starts).astype(np.float32)
 
 
 def prada_features(images: np.ndarray) -> np.ndarray:
@@ -182,7 +191,7 @@ def prada_features(images: np.ndarray) -> np.ndarray:
     if h * w * c > PRADA_DIMS:
         side = max(1, int((PRADA_DIMS / c) ** 0.5))
         images = block_average(images, (min(h, side), min(w, side)))
-    return images.reshape(n, -1).astype(np.float32) / 255.0
+    return np.multiply(images.reshape(n, -1), np.float32(1.0 / 255.0), dtype=np.float32)
 
 
 def ood_features(images: np.ndarray) -> np.ndarray:
@@ -232,8 +241,15 @@ class _Client:
         self.last_w = float("nan")
 
     def prada(self, feats: np.ndarray, classes: np.ndarray, max_set: int) -> None:
-        """PRADA's growing sets, a request at a time: distances to the stored sets by one
-        matrix product per class, then the rows of the request in order."""
+        """PRADA's growing sets, a request at a time, as if its rows came one by one.
+
+        Per class: the distances to the stored set by one matrix product; then the rows in
+        order, in runs: a row can change the set only when its distance exceeds the
+        threshold while the set has room, so the distances of every row before the next
+        such row are recorded at once, and a row that joins the set lowers the distances
+        of the rows after it (to itself) before the next run is sought. When the set is
+        full (an attack's steady state) a request costs one product and one run.
+        """
         for c in np.unique(classes):
             rows = np.flatnonzero(classes == c)
             x = feats[rows]
@@ -244,26 +260,33 @@ class _Client:
                 best = np.sqrt(np.maximum(to_set.min(axis=1), 0.0))
             else:
                 best = np.full(len(rows), np.inf)
-            within = np.sqrt(np.maximum(sq[:, None] - 2.0 * x @ x.T + sq[None], 0.0))
             added: list[int] = []
             count, total, squares = self.set_sums.get(int(c), (0, 0.0, 0.0))
             threshold = self.thresholds.get(int(c), 0.0)
-            for i in range(len(rows)):
-                d = float(best[i])  # to the stored set and to this request's added rows
-                if d == math.inf:  # the class's first query starts its set
-                    if self.stored + len(added) < max_set:
-                        added.append(i)
-                        best = np.minimum(best, within[:, i])
-                    continue
-                if d == 0.0:  # an exact repeat (a retry) tells an attacker nothing new
-                    continue
-                self.distances.append(d)
-                if d > threshold and self.stored + len(added) < max_set:
-                    added.append(i)
-                    best = np.minimum(best, within[:, i])
+            i = 0
+            while i < len(rows):
+                rest = best[i:]
+                if self.stored + len(added) < max_set:
+                    # the class's first query starts its set (inf); an exact repeat (a
+                    # retry, 0) tells an attacker nothing new and is never counted
+                    grows = np.flatnonzero((rest > threshold) & (rest != 0.0))
+                    j = i + int(grows[0]) if len(grows) else len(rows)
+                else:
+                    j = len(rows)
+                run = best[i:j]
+                self.distances.extend(run[(run != 0.0) & np.isfinite(run)].tolist())
+                if j == len(rows):
+                    break
+                d = float(best[j])
+                if d != math.inf:
+                    self.distances.append(d)
                     count, total, squares = count + 1, total + d, squares + d * d
                     mean = total / count  # threshold: mean - std of the set-growing distances
                     threshold = mean - math.sqrt(max(squares / count - mean * mean, 0.0))
+                added.append(j)
+                to_new = np.sqrt(np.maximum(sq - 2.0 * (x @ x[j]) + sq[j], 0.0))
+                best = np.minimum(best, to_new)
+                i = j + 1
             self.set_sums[int(c)] = (count, total, squares)
             if count:
                 self.thresholds[int(c)] = threshold
@@ -387,7 +410,7 @@ class Detector:
                         fired = "prada"
             if ood is not None:
                 state.outside.extend(ood.outside(images).tolist())
-                share = float(np.mean(state.outside))
+                share = sum(state.outside) / len(state.outside)
                 if not fired and len(state.outside) >= cfg.min_queries and share > cfg.ood_share:
                     fired = "ood"
             if fired:
@@ -400,9 +423,48 @@ class Detector:
 
 
 def shapiro_w(values: np.ndarray) -> float:
-    """The Shapiro-Wilk W statistic (1.0 for a constant sample: nothing to judge)."""
-    if np.ptp(values) == 0:
-        return 1.0
-    from scipy import stats
+    """The Shapiro-Wilk W statistic (1.0 for a constant sample: nothing to judge).
 
-    return float(stats.shapiro(values).statistic)
+    W = (sum a_i x_(i))^2 / sum (x_i - mean)^2 with Royston's (1992, 1995: algorithm AS R94)
+    approximation of the coefficients a, the one scipy.stats.shapiro uses, computed here
+    because the detector judges a client's window at every request: the coefficients
+    depend on the sample size only and are kept for the last size (a full window's), and
+    the statistic is a sort and two sums. Samples under 12 values go to scipy.
+    """
+    x = np.sort(np.asarray(values, np.float64))
+    if x[-1] == x[0]:
+        return 1.0
+    if len(x) < 12:
+        from scipy import stats
+
+        return float(stats.shapiro(x).statistic)
+    x -= x.mean()
+    w = float(np.dot(_shapiro_coefficients(len(x)), x)) ** 2 / float(np.dot(x, x))
+    return min(w, 1.0)
+
+
+_COEFFICIENTS: tuple[int, np.ndarray] | None = None  # (n, a) of the last sample size
+
+
+def _shapiro_coefficients(n: int) -> np.ndarray:
+    """Royston's coefficients a_1..a_n (ascending order statistics; a_i = -a_{n+1-i})."""
+    global _COEFFICIENTS
+    cached = _COEFFICIENTS
+    if cached is not None and cached[0] == n:
+        return cached[1]
+    from scipy.special import ndtri
+
+    m = ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
+    summ2 = float(np.dot(m, m))
+    u = 1.0 / math.sqrt(n)
+    last = m[-1] / math.sqrt(summ2) + np.polyval(
+        [-2.706056, 4.434685, -2.071190, -0.147981, 0.221157, 0.0], u
+    )
+    second = m[-2] / math.sqrt(summ2) + np.polyval(
+        [-3.582633, 5.682633, -1.752461, -0.293762, 0.042981, 0.0], u
+    )
+    phi = (summ2 - 2.0 * m[-1] ** 2 - 2.0 * m[-2] ** 2) / (1.0 - 2.0 * last**2 - 2.0 * second**2)
+    a = m / math.sqrt(phi)
+    a[-1], a[-2], a[0], a[1] = last, second, -last, -second
+    _COEFFICIENTS = (n, a)
+    return a
