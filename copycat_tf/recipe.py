@@ -104,6 +104,8 @@ class Recipe:
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
         least npd_adapt_after).
+      selection_random: share of each selection round's queries drawn at random from its
+        pool, the rest chosen by the strategy (0: all by the strategy).
       selection_reuse: a round takes the round before's unchosen candidates over and
         warm-starts its scout from the round before's (faster rounds; fewer distinct
         candidates in all).
@@ -138,6 +140,7 @@ class Recipe:
     selection: str = "random"
     selection_pool: int = 100_000
     selection_round: int = 0
+    selection_random: float = 0.0
     selection_reuse: bool = False
     label_mode: str = "hard"
     model: str = "small_cnn"

@@ -130,6 +130,15 @@ flags.DEFINE_integer(
     "Queries a selection round chooses (0: an eighth of --query_budget, at least the exploration).",
     lower_bound=0,
 )
+flags.DEFINE_float(
+    "selection_random",
+    RECIPE.selection_random,
+    "Share of each selection round's queries drawn at random from its candidate pool, the "
+    "rest chosen by --selection: uncertainty and diversity alone under-sample the easy, "
+    "typical items of each class as the budget grows (0: all by the strategy).",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
 flags.DEFINE_boolean(
     "selection_reuse",
     RECIPE.selection_reuse,
@@ -265,6 +274,7 @@ def main(argv):
             selection_pool=FLAGS.selection_pool,
             selection_round=FLAGS.selection_round,
             selection_reuse=FLAGS.selection_reuse,
+            selection_random=FLAGS.selection_random,
             progress=FLAGS.progress,
             target_options={
                 "api_key": cli.api_key_from_flags(),

@@ -566,7 +566,8 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path, reu
     """kill -9 in the middle of a prepared, adaptive folder steal choosing its queries in
     rounds (killed while stealing or while a scout trains); the resumed dataset is the
     uninterrupted one. With --selection_reuse a round also carries the round before's
-    unchosen candidates over and warm-starts its scout from the saved one."""
+    unchosen candidates over and warm-starts its scout from the saved one; that run also
+    draws a quarter of each round at random (--selection_random)."""
     import signal
     import subprocess
     import sys
@@ -603,7 +604,7 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path, reu
                 "--selection=class_balance",
                 "--selection_round=120",
                 "--noprogress",
-                *(["--selection_reuse"] if reuse else []),
+                *(["--selection_reuse", "--selection_random=0.25"] if reuse else []),
             ]
 
         clean = subprocess.run(command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True)
@@ -634,6 +635,8 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path, reu
     assert [r["after"] for r in killed["selection_record"]["rounds"]] == [120, 240]
     carried = [r.get("carried", 0) for r in killed["selection_record"]["rounds"]]
     assert (carried[1] > 0) == reuse, killed["selection_record"]["rounds"]
+    drawn = [r.get("drawn_at_random", 0) for r in killed["selection_record"]["rounds"]]
+    assert drawn == ([30, 15] if reuse else [0, 0])
 
 
 def _label_entropy(labels, num_classes):
@@ -768,16 +771,24 @@ def test_greedy_class_balanced_choice():
 
 
 @pytest.mark.parametrize(
-    "strategy, reuse",
-    [("entropy", False), ("margin", True), ("kcenter", True), ("entropy_kcenter", False)],
+    "strategy, reuse, share",
+    [
+        ("entropy", False, 0.0),
+        ("margin", True, 0.0),
+        ("kcenter", True, 0.5),
+        ("entropy_kcenter", False, 0.0),
+        ("class_balance", False, 0.25),
+    ],
 )
 def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
-    tmp_path, strategy, reuse, monkeypatch
+    tmp_path, strategy, reuse, share, monkeypatch
 ):
     """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
     round partial (budget 200): the budget is exact, each round is recorded and its
     records say so, and the dataset trains like any other. With --selection_reuse, rounds
-    take the unchosen candidates of the round before over and warm-start their scout."""
+    take the unchosen candidates of the round before over and warm-start their scout.
+    With --selection_random, that share of each round is drawn at random from its pool
+    and its records say "random"."""
     from copycat_tf.attack import selection as sel
 
     monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
@@ -799,6 +810,7 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
             selection=strategy,
             selection_round=64,
             selection_reuse=reuse,
+            selection_random=share,
         )
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
     rounds = manifest["selection_record"]["rounds"]
@@ -809,7 +821,12 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     ]
     records = fd.read_records(str(tmp_path / "fake"))
     assert [r["query_index"] for r in records] == list(range(200))
-    assert [r.get("chosen_by") for r in records[190:]] == [(strategy, 1)] * 2 + [(strategy, 2)] * 8
+    drawn = [round(share * n) for n in (64, 64, 8)]
+    assert [r.get("drawn_at_random", 0) for r in rounds] == drawn
+    by = [r.get("chosen_by") for r in records[64:]]
+    for i, (start, n) in enumerate(((0, 64), (64, 64), (128, 8))):
+        mine = by[start : start + n]
+        assert mine.count(("random", i)) == drawn[i] and mine.count((strategy, i)) == n - drawn[i]
     positions = [int(r["source_id"].rsplit("@", 1)[1]) for r in records[64:]]
     assert len(set(positions)) == len(positions)  # no candidate sent twice
     kept = [p.name for p in (tmp_path / "fake").glob("scout-*")]

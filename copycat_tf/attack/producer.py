@@ -98,6 +98,7 @@ class Producer:
         self.selection: dict | None = None  # set once the queries are chosen
         self._chosen: dict | None = None  # the whole selection, with its choices
         self.rounds_begun = 0  # rounds whose queries are being produced
+        self._drawn_sets: dict[tuple[int, int], set[int]] = {}  # _drawn
         self.cache = sel.ImageCache() if select is not None else None
         self.reuse = reuse
         self._explored = False
@@ -214,7 +215,7 @@ class Producer:
         self.selection = {
             "strategy": selection["strategy"],
             "rounds": [
-                {k: v for k, v in r.items() if k not in ("chosen", "guesses")}
+                {k: v for k, v in r.items() if k not in ("chosen", "guesses", "random")}
                 for r in selection["rounds"]
             ],
         }
@@ -233,8 +234,17 @@ class Producer:
         rounds = self._chosen["rounds"] if self._chosen else []
         for i, r in enumerate(rounds):
             if r["after"] <= k < r["after"] + len(r["chosen"]):
+                if r.get("random") and r["chosen"][k - r["after"]] in self._drawn(i, r):
+                    return "random", i  # drawn at random from the round's pool
                 return self._chosen["strategy"], i
         return None
+
+    def _drawn(self, i: int, r: dict) -> set[int]:
+        """The positions round i drew at random (a set, kept per round)."""
+        key = (i, len(r["random"]))
+        if key not in self._drawn_sets:
+            self._drawn_sets[key] = set(r["random"])
+        return self._drawn_sets[key]
 
     def _compute(self, pool, indices: list[int], raw: bool = False) -> list:
         """stream.item of each index (stream.item_at_position of each position when

@@ -281,6 +281,13 @@ def _scores(model, images: np.ndarray, features: bool):
     return probs, None if feats is None else feats.astype(np.float32)
 
 
+def random_rows(size: int, count: int, seed: int, round_index: int) -> np.ndarray:
+    """`count` of `size` pool rows drawn uniformly without replacement (ascending), the
+    same for the same seed and round."""
+    rng = np.random.default_rng([seed, round_index, 0x5E1EC7])
+    return np.sort(rng.choice(size, min(count, size), replace=False)).astype(np.int64)
+
+
 def choose_uncertain(probs: np.ndarray, need: int, kind: str) -> np.ndarray:
     """The `need` rows of highest entropy ("entropy") or smallest top-2 margin
     ("margin"), ascending; ties broken by row (stable)."""
@@ -422,6 +429,7 @@ def select(
     num_classes: int,
     seed: int,
     reuse: bool = False,
+    random_share: float = 0.0,
 ) -> dict:
     """Chooses round `round_index` (queries after..after+need-1), or reads it when it was
     chosen before; writes it to the fake dataset before returning.
@@ -440,10 +448,13 @@ def select(
       seed: the scout's initialisation.
       reuse: take the round before's unchosen candidates over (the pool's newest, up to
         the pool size less `need`) and warm-start the scout from the round before's.
+      random_share: this share of `need` is drawn uniformly from the pool first (seeded by
+        `seed` and the round), the rest chosen by the strategy among the others.
 
     Returns:
       the whole selection ({"strategy", "rounds": [...]}); each round holds "after",
-      "chosen" (stream positions in query order), "carried" (candidates taken over from
+      "chosen" (stream positions in query order), "random" (those of them drawn at
+      random, with random_share), "carried" (candidates taken over from
       the round before), "pool_start"/"pool_end" (the fresh positions it scored) and
       statistics.
     """
@@ -496,15 +507,27 @@ def select(
         end = chunk[-1] + 1
         if any(it is None for it in got):  # the stream ends inside the pool
             break
+    lucky = random_rows(len(candidates), round(random_share * need), seed, round_index)
+    rest = np.setdiff1d(np.arange(len(candidates)), lucky)  # the strategy's to choose from
     if strategy in SCOUTED:
         probs = np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32)
+        left = need - len(lucky)
         if strategy == "class_balance":
-            rows = choose_balanced(probs, counts, need)
+            # the random draws count as answers to come: the rarity is judged with them
+            guessed = np.bincount(probs[lucky].argmax(axis=1), minlength=num_classes)
+            picked = choose_balanced(probs[rest], counts + guessed, left)
         elif strategy in ("entropy", "margin"):
-            rows = choose_uncertain(probs, need, strategy)
+            picked = choose_uncertain(probs[rest], left, strategy)
         else:
             centres = _scores(scorer, images, True)[1]
-            rows = choose_diverse(probs, feats, centres, need, strategy == "entropy_kcenter")
+            if len(lucky):  # the random draws are centres already
+                pool_feats = np.concatenate(feats)
+                centres = np.concatenate([centres, pool_feats[lucky]])
+                feats = [pool_feats[rest]]
+            picked = choose_diverse(
+                probs[rest], feats, centres, left, strategy == "entropy_kcenter"
+            )
+        rows = np.sort(np.concatenate([lucky, rest[np.asarray(picked, np.int64)]]))
         guesses = probs[rows].argmax(axis=1)
         record["predicted_histogram"] = np.bincount(guesses, minlength=num_classes).tolist()
         record["guesses"] = guesses.tolist()  # the scout's label for each choice
@@ -517,12 +540,17 @@ def select(
                 "source with several --npd_background kinds or --npd_invert, or another "
                 "--selection"
             )
-        rows, record["arms"] = choose_adaptive(arms, answered_arms, every, num_classes, need)
+        picked, record["arms"] = choose_adaptive(
+            [arms[r] for r in rest], answered_arms, every, num_classes, need - len(lucky)
+        )
+        rows = np.sort(np.concatenate([lucky, rest[np.asarray(picked, np.int64)]]))
     if rounds:  # the scout of the last round, judged on what it chose (never trained on)
         _judge(rounds[-1], labeled)
     record.update(
         {
             "chosen": [int(candidates[r]) for r in rows],
+            **({"random": [int(candidates[r]) for r in lucky]} if random_share else {}),
+            **({"drawn_at_random": len(lucky)} if random_share else {}),
             "pool": len(candidates),
             "carried": len(carried),
             "pool_start": int(pool_start),

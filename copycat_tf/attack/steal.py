@@ -69,6 +69,7 @@ class StealConfig:
         least the exploration).
       selection_reuse: rounds reuse the round before's candidates and scout
         (attack.selection.select).
+      selection_random: share of each round drawn at random from its pool.
     """
 
     target: str
@@ -95,6 +96,7 @@ class StealConfig:
     selection_pool: int = Recipe.selection_pool
     selection_round: int = Recipe.selection_round
     selection_reuse: bool = Recipe.selection_reuse
+    selection_random: float = Recipe.selection_random
 
 
 def _describe(cfg: StealConfig, mode: LabelMode):
@@ -144,6 +146,7 @@ def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prepar
         "records_per_shard": cfg.records_per_shard,
         "selection": cfg.selection,  # "random" for manifests written before it existed
         **({"selection_reuse": True} if cfg.selection_reuse else {}),
+        **({"selection_random": cfg.selection_random} if cfg.selection_random else {}),
     }
 
 
@@ -411,6 +414,7 @@ def _select(
         num_classes,
         cfg.seed,
         reuse=cfg.selection_reuse,
+        random_share=cfg.selection_random,
     )
     if round_index and "scout_agreement" in selection["rounds"][round_index - 1]:
         logging.info(

@@ -140,7 +140,7 @@ def _unused_fields(spec) -> tuple[str, ...]:
 
 # Recipe fields added since a recording whose earlier behaviour is not their default: a
 # recorded key without the field did this.
-RECORDED_BEFORE = {"npd_jitter_on": "canvas"}
+RECORDED_BEFORE = {"npd_jitter_on": "canvas", "selection_random": 0.0}
 
 
 def _as_now(recorded: dict) -> dict:
