@@ -98,7 +98,7 @@ class Producer:
         self.selection: dict | None = None  # set once the queries are chosen
         self._chosen: dict | None = None  # the whole selection, with its choices
         self.rounds_begun = 0  # rounds whose queries are being produced
-        self._drawn_sets: dict[tuple[int, int], set[int]] = {}  # _drawn
+        self._drawn: list[set[int]] = []  # per round, the positions drawn at random
         self.cache = sel.ImageCache() if select is not None else None
         self.reuse = reuse
         self._explored = False
@@ -210,6 +210,7 @@ class Producer:
                 p for p in range(current["pool_start"], current["pool_end"]) if p not in chosen
             )
         self._chosen = selection  # a new record each round: the remap follows it
+        self._drawn = [set(r.get("random", ())) for r in selection["rounds"]]
         self.stream.remap_from = selection["rounds"][0]["after"]
         self.stream.remap = functools.partial(sel.position, selection)
         self.selection = {
@@ -234,17 +235,10 @@ class Producer:
         rounds = self._chosen["rounds"] if self._chosen else []
         for i, r in enumerate(rounds):
             if r["after"] <= k < r["after"] + len(r["chosen"]):
-                if r.get("random") and r["chosen"][k - r["after"]] in self._drawn(i, r):
+                if r["chosen"][k - r["after"]] in self._drawn[i]:
                     return "random", i  # drawn at random from the round's pool
                 return self._chosen["strategy"], i
         return None
-
-    def _drawn(self, i: int, r: dict) -> set[int]:
-        """The positions round i drew at random (a set, kept per round)."""
-        key = (i, len(r["random"]))
-        if key not in self._drawn_sets:
-            self._drawn_sets[key] = set(r["random"])
-        return self._drawn_sets[key]
 
     def _compute(self, pool, indices: list[int], raw: bool = False) -> list:
         """stream.item of each index (stream.item_at_position of each position when
