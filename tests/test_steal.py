@@ -978,16 +978,26 @@ def test_adaptive_selection_with_a_single_arm_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "selection, shards, fragment",
+    "selection, shards, pool, share, fragment",
     [
-        ("kcentre", 1, "--selection=kcentre; expected one of random, class_balance"),
-        ("class_balance", 2, "run it with --num_shards=1"),
-        ("entropy", 1, "--selection_round=500 cannot be chosen from --selection_pool=400"),
+        ("kcentre", 1, 400, 0.0, "--selection=kcentre; expected one of random, class_balance"),
+        ("class_balance", 2, 400, 0.0, "run it with --num_shards=1"),
+        (
+            "entropy",
+            1,
+            400,
+            0.0,
+            "--selection_round=500 cannot be chosen from --selection_pool=400",
+        ),
+        ("random", 1, 4000, 0.5, "--selection_random=0.5 shares out a selection's rounds"),
+        ("entropy", 1, 4000, 1.5, "--selection_random=1.5; expected a share in [0, 1]"),
     ],
 )
-def test_selection_bad_input(selection, shards, fragment):
+def test_selection_bad_input(selection, shards, pool, share, fragment):
+    import re
+
     from copycat_tf.attack import selection as sel
 
-    with pytest.raises(UserInputError, match=fragment.replace("(", r"\(")):
-        sel.check_selection(selection, shards, 500, 400)
+    with pytest.raises(UserInputError, match=re.escape(fragment)):
+        sel.check_selection(selection, shards, 500, pool, share)
     sel.check_selection("random", 1, 500, 400)  # random order has no rounds

@@ -209,8 +209,9 @@ class Producer:
             self.cache.drop(
                 p for p in range(current["pool_start"], current["pool_end"]) if p not in chosen
             )
-        self._chosen = selection  # a new record each round: the remap follows it
+        # before _chosen, which _chosen_by reads first: every round it sees has its set
         self._drawn = [set(r.get("random", ())) for r in selection["rounds"]]
+        self._chosen = selection  # a new record each round: the remap follows it
         self.stream.remap_from = selection["rounds"][0]["after"]
         self.stream.remap = functools.partial(sel.position, selection)
         self.selection = {

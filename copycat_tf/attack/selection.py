@@ -140,12 +140,21 @@ def check_selection(
     num_shards: int,
     round_queries: int = 0,
     max_pool: int = 0,
+    random_share: float = 0.0,
 ) -> None:
-    """Raises UserInputError for an unknown strategy, one this run cannot use, or round
-    sizes that do not fit together (0: not checked)."""
+    """Raises UserInputError for an unknown strategy, one this run cannot use, round
+    sizes that do not fit together (0: not checked), or a random share without rounds."""
     if selection not in SELECTIONS:
         raise UserInputError(f"--selection={selection}; expected one of {', '.join(SELECTIONS)}")
+    if not 0.0 <= random_share <= 1.0:
+        raise UserInputError(f"--selection_random={random_share}; expected a share in [0, 1]")
     if selection == "random":
+        if random_share:
+            raise UserInputError(
+                f"--selection_random={random_share} shares out a selection's rounds, and "
+                "--selection=random has none (it sends every query in random order already); "
+                "name a strategy with --selection or drop --selection_random"
+            )
         return
     if num_shards != 1:
         raise UserInputError(

@@ -212,6 +212,7 @@ class _StealRun:
             cfg.num_shards,
             cfg.selection_round,
             cfg.selection_pool,
+            cfg.selection_random,
         )
         self.client, self.info, num_classes = _describe(cfg, self.mode)
         batch_size = cfg.query_batch_size

@@ -138,8 +138,8 @@ def _unused_fields(spec) -> tuple[str, ...]:
     return ()
 
 
-# Recipe fields added since a recording whose earlier behaviour is not their default: a
-# recorded key without the field did this.
+# Recipe fields added since a recording, with what a recorded key without the field did
+# (not always the field's default: the jitter's place changed with its knob).
 RECORDED_BEFORE = {"npd_jitter_on": "canvas", "selection_random": 0.0}
 
 
