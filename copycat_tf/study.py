@@ -67,12 +67,14 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "selections",
     list(SELECTION_STRATEGIES),
-    "Strategies of the query-selection part (steal --selection), each against random order.",
+    "Strategies of the query-selection part (steal --selection), each against random order; "
+    "STRATEGY:SHARE draws that share of each round at random (steal --selection_random).",
 )
 flags.DEFINE_list(
     "selection_full",
     [],
-    "Strategies of the query-selection part also run at the full --query_budget.",
+    "Strategies of the query-selection part also run at the full --query_budget "
+    "(STRATEGY or STRATEGY:SHARE).",
 )
 flags.DEFINE_integer(
     "detector_benign_images",

@@ -103,6 +103,44 @@ def test_selection_full_runs_a_strategy_at_the_recipe_budget_too():
     assert [r.run for r in again.rows].count("sel_kcenter_1k") == 1
 
 
+def test_selection_entries_with_a_random_share_plan_their_own_steals():
+    plan = build_plan(
+        PlanSettings(
+            recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+            budgets=(1000,),
+            variant_budget=500,
+            data_free="shapes",
+            pd_budget=300,
+            pd_data="fashion_mnist",
+            parts=("selection",),
+            selections=("class_balance", "class_balance:0.5"),
+            selection_budgets=(500,),
+            selection_full=("class_balance:0.5",),
+        )
+    )
+    rows = [(row.label, row.run) for row in plan.rows]
+    assert rows == [
+        ("random order, 500 queries", "npd_500"),
+        ("`--selection=class_balance`, 500 queries", "sel_class_balance_500"),
+        (
+            "`--selection=class_balance --selection_random=0.5`, 500 queries",
+            "sel_class_balance_r50_500",
+        ),
+        ("random order, 1,000 queries", "npd_1k"),
+        (
+            "`--selection=class_balance --selection_random=0.5`, 1,000 queries",
+            "sel_class_balance_r50_1k",
+        ),
+    ]
+    hybrid = plan.datasets["sel_class_balance_r50_1k"].recipe
+    assert (hybrid.selection, hybrid.selection_random, hybrid.query_budget) == (
+        "class_balance",
+        0.5,
+        1000,
+    )
+    assert plan.datasets["sel_class_balance_500"].recipe.selection_random == 0.0
+
+
 def _run(**fields):
     return {
         "key": {"recipe": {"npd": "synthetic:noise", "epochs": 1}},
@@ -192,15 +230,24 @@ def test_selection_curve_per_strategy(tmp_path):
             "r10": chosen("random", 10000, 0.78),
             "e5": chosen("entropy", 5000, 0.75),
             "e10": chosen("entropy", 10000, 0.84),
+            "h10": chosen("class_balance", 10000, 0.86),
         },
         "rows": [
             {"group": "selection", "label": label, "run": run}
-            for label, run in (("r 5k", "r5"), ("e 5k", "e5"), ("r 10k", "r10"), ("e 10k", "e10"))
+            for label, run in (
+                ("r 5k", "r5"),
+                ("e 5k", "e5"),
+                ("r 10k", "r10"),
+                ("e 10k", "e10"),
+                ("h 10k", "h10"),
+            )
         ],
         "parts": ["selection"],
     }
+    study["runs"]["h10"]["key"]["recipe"]["selection_random"] = 0.5
     assert results.selection_points(study) == {
         "random": [(5000, 0.7), (10000, 0.78)],
+        "class_balance + 50% random": [(10000, 0.86)],
         "entropy": [(5000, 0.75), (10000, 0.84)],
     }
     results.write_results(str(tmp_path), study)
@@ -368,9 +415,13 @@ def test_study_settings_errors_name_the_flag():
 
     check_settings(("table", "selection"), ("entropy_kcenter",), ("entropy",), ("top1",))
     with pytest.raises(
-        UserInputError, match=r"--selections / --selection_full: unknown \['random'\]"
+        UserInputError, match=r"--selections / --selection_full: unknown strategy 'random'"
     ):
         check_settings(("table",), ("random",), (), ())
+    check_settings(("selection",), ("class_balance:0.5",), ("kcenter:0.25",), ())
+    for entry in ("class_balance:1", "class_balance:0", "class_balance:half", "random:0.5"):
+        with pytest.raises(UserInputError, match=r"STRATEGY:SHARE .*class_balance:0\.5"):
+            check_settings(("selection",), (), (entry,), ())
     with pytest.raises(UserInputError, match=r"--parts: unknown \['tables'\]"):
         check_settings(("tables",), (), (), ())
     with pytest.raises(UserInputError, match="--defences"):

@@ -224,6 +224,33 @@ def _k(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
+def parse_selection(entry: str) -> tuple[str, float]:
+    """A selection part entry: `STRATEGY` or `STRATEGY:SHARE`, the share of each round drawn
+    at random (steal --selection_random); returns (strategy, share).
+
+    Raises:
+      ValueError: not a strategy other than random, or a share outside (0, 1).
+    """
+    name, sep, share_text = entry.partition(":")
+    if name not in SELECTIONS or name == "random":
+        raise ValueError(f"unknown strategy {name!r}")
+    if not sep:
+        return name, 0.0
+    try:
+        share = float(share_text)
+    except ValueError:
+        share = -1.0
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"{entry!r}: the share after ':' must be a number in (0, 1)")
+    return name, share
+
+
+def selection_name(entry: str) -> str:
+    """A selection entry's part of run names: class_balance:0.5 -> class_balance_r50."""
+    name, share = parse_selection(entry)
+    return name if not share else f"{name}_r{round(100 * share):02d}"
+
+
 def check_settings(parts, selections, selection_full, defences) -> None:
     """The study's flags that name parts, strategies and defences, checked before anything
     runs.
@@ -235,11 +262,18 @@ def check_settings(parts, selections, selection_full, defences) -> None:
     from copycat_tf.errors import UserInputError
     from copycat_tf.server.defenses import parse_defense
 
-    bad = [s for s in (*selections, *selection_full) if s not in SELECTIONS or s == "random"]
+    bad = []
+    for entry in (*selections, *selection_full):
+        try:
+            parse_selection(entry)
+        except ValueError as e:
+            bad.append(str(e))
     if bad:
         raise UserInputError(
-            f"--selections / --selection_full: unknown {bad}; valid: "
-            f"{', '.join(SELECTIONS[1:])} (random is the reference every strategy is compared to)"
+            f"--selections / --selection_full: {'; '.join(bad)}; expected STRATEGY or "
+            f"STRATEGY:SHARE (a share of each round drawn at random, e.g. class_balance:0.5), "
+            f"STRATEGY one of {', '.join(SELECTIONS[1:])} (random is the reference every "
+            "strategy is compared to)"
         )
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -346,10 +380,14 @@ def build_plan(s: PlanSettings) -> Plan:
                 strategies[budget].append(name)
         for n in sorted(strategies):
             plan.row("selection", f"random order, {n:,} queries", npd_run(n))
-            for name in strategies[n]:
-                recipe = dataclasses.replace(base, query_budget=n, selection=name)
-                label = f"`--selection={name}`, {n:,} queries"
-                variant("selection", "sel", f"{name}_{_k(n)}", label, recipe)
+            for entry in strategies[n]:
+                name, share = parse_selection(entry)
+                recipe = dataclasses.replace(
+                    base, query_budget=n, selection=name, selection_random=share
+                )
+                flag = f"--selection={name}" + (f" --selection_random={share:g}" if share else "")
+                label = f"`{flag}`, {n:,} queries"
+                variant("selection", "sel", f"{selection_name(entry)}_{_k(n)}", label, recipe)
     if "defences" in s.parts:
         n = s.defence_budget or budget
         for defense in s.defences:

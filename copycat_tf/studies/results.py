@@ -169,7 +169,10 @@ def selection_points(study: dict) -> dict[str, list[tuple[int, float]]]:
     """{strategy: [(queries, accuracy ratio)]} of the selection part ("random" = order)."""
     points: dict[str, list[tuple[int, float]]] = {}
     for _, run in _group_rows(study, "selection"):
-        strategy = run["key"]["recipe"].get("selection", "random")
+        recipe = run["key"]["recipe"]
+        strategy = recipe.get("selection", "random")
+        if recipe.get("selection_random"):
+            strategy += f" + {recipe['selection_random']:.0%} random"
         points.setdefault(strategy, []).append((run["queries"], run["ratio_accuracy"]))
     return {s: sorted(p) for s, p in sorted(points.items(), key=lambda kv: kv[0] != "random")}
 
