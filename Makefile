@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 
 .PHONY: venv data demo demo-quick test lint format package-check clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-beam.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)

@@ -74,9 +74,14 @@ def read_api_key(env_var: str = "", path: str = "") -> str | None:
     return None
 
 
-def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> None:
+def run(
+    main: Callable[[list[str]], None],
+    required: tuple[str, ...] = (),
+    flags_parser: Callable[[list[str]], list[str]] | None = None,
+) -> None:
     """app.run(main): TensorFlow imported quietly first, user errors printed as one line
-    (exit status 2) instead of a traceback; --version prints the version."""
+    (exit status 2) instead of a traceback; --version prints the version. `flags_parser`
+    replaces absl's (main gets what it returns)."""
     if "--version" in sys.argv[1:]:
         from copycat_tf.__main__ import main as package_main  # one version line for all
 
@@ -104,4 +109,7 @@ def run(main: Callable[[list[str]], None], required: tuple[str, ...] = ()) -> No
             print(f"{prog}: terminated; re-run the same command to resume", file=sys.stderr)
             sys.exit(128 + 15)
 
-    app.run(wrapped)
+    if flags_parser is None:
+        app.run(wrapped)
+    else:
+        app.run(wrapped, flags_parser=flags_parser)

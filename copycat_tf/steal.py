@@ -10,7 +10,17 @@ never pays for a query twice. --query_budget is a hard cap on images answered.
   python -m copycat_tf.steal --merge=DIR0,DIR1 --output_dir=OUT
 
 merges the datasets of the workers of a split steal (--shard_index/--num_shards) into one.
+
+  python -m copycat_tf.steal --flagfile=... --runner=DirectRunner --direct_num_workers=2
+
+runs the steal as an Apache Beam pipeline (pip install -r requirements-beam.txt): ranges of
+--range_size stream positions, each committed atomically, on any Beam runner (DataflowRunner,
+FlinkRunner, SparkRunner, ...); flags steal does not know are passed to Beam as pipeline
+options. Same records as the in-process engine; re-running continues and re-sends nothing
+committed.
 """
+
+import sys
 
 from absl import flags
 
@@ -214,6 +224,21 @@ flags.DEFINE_list(
     "Instead of stealing: merge the --output_dir of every worker of one split steal "
     "(--shard_index/--num_shards), comma-separated, into one dataset in --output_dir.",
 )
+flags.DEFINE_string(
+    "runner",
+    "",
+    "Run the steal as an Apache Beam pipeline on this runner (DirectRunner, FlinkRunner, "
+    "SparkRunner, DataflowRunner, ...); flags steal does not know go to Beam as pipeline "
+    "options (e.g. --direct_num_workers=2 --direct_running_mode=multi_processing). Empty: "
+    "the in-process engine. Random order only.",
+)
+flags.DEFINE_integer(
+    "range_size",
+    1024,
+    "With --runner: stream positions per unit of work; each range is committed atomically "
+    "(a worker lost mid-range re-sends only its requests not yet staged).",
+    lower_bound=1,
+)
 FLAGS = flags.FLAGS
 
 
@@ -236,7 +261,6 @@ def _input_shape():
 
 
 def main(argv):
-    del argv
     from copycat_tf.attack.steal import StealConfig, format_summary, steal
     from copycat_tf.data.preparation import Preparation
     from copycat_tf.errors import UserInputError
@@ -250,49 +274,84 @@ def main(argv):
     missing = [f"--{name}" for name in STEAL_REQUIRED if FLAGS[name].value is None]
     if missing:
         raise UserInputError(f"{', '.join(missing)} required (or --merge=DIR,... to merge)")
-    manifest = steal(
-        StealConfig(
-            target=FLAGS.target,
-            npd=FLAGS.npd,
-            output_dir=FLAGS.output_dir,
-            query_budget=FLAGS.query_budget,
-            query_batch_size=FLAGS.query_batch_size,
-            max_in_flight=FLAGS.max_in_flight,
-            max_qps=FLAGS.max_qps,
-            label_mode=FLAGS.label_mode,
-            seed=FLAGS.seed,
-            shard_index=FLAGS.shard_index,
-            num_shards=FLAGS.num_shards,
-            crops_per_image=FLAGS.crops_per_image,
-            preparation=Preparation.of(cli.recipe_from_flags(FLAGS, RECIPE), FLAGS.npd_legacy),
-            records_per_shard=FLAGS.records_per_shard,
-            retry=RetryPolicy(timeout_s=FLAGS.request_timeout, max_retries=FLAGS.max_retries),
-            num_classes=FLAGS.num_classes,
-            npd_data_dir=FLAGS.npd_data_dir,
-            skew_check_after=FLAGS.skew_check_after,
-            selection=FLAGS.selection,
-            selection_pool=FLAGS.selection_pool,
-            selection_round=FLAGS.selection_round,
-            selection_reuse=FLAGS.selection_reuse,
-            selection_random=FLAGS.selection_random,
-            progress=FLAGS.progress,
-            target_options={
-                "api_key": cli.api_key_from_flags(),
-                "api_key_header": FLAGS.api_key_header,
-                "request_template": FLAGS.request_template,
-                "response_field": FLAGS.response_field,
-                "input_shape": _input_shape(),
-                "num_classes": FLAGS.num_classes or None,
-                "class_names": FLAGS.class_names,
-            },
+    beam_args = argv[1:]
+    if beam_args and not FLAGS.runner:
+        raise UserInputError(
+            f"unknown flag(s) {' '.join(beam_args)}; see --help (Beam pipeline options are "
+            "taken with --runner only)"
         )
+    cfg = StealConfig(
+        target=FLAGS.target,
+        npd=FLAGS.npd,
+        output_dir=FLAGS.output_dir,
+        query_budget=FLAGS.query_budget,
+        query_batch_size=FLAGS.query_batch_size,
+        max_in_flight=FLAGS.max_in_flight,
+        max_qps=FLAGS.max_qps,
+        label_mode=FLAGS.label_mode,
+        seed=FLAGS.seed,
+        shard_index=FLAGS.shard_index,
+        num_shards=FLAGS.num_shards,
+        crops_per_image=FLAGS.crops_per_image,
+        preparation=Preparation.of(cli.recipe_from_flags(FLAGS, RECIPE), FLAGS.npd_legacy),
+        records_per_shard=FLAGS.records_per_shard,
+        retry=RetryPolicy(timeout_s=FLAGS.request_timeout, max_retries=FLAGS.max_retries),
+        num_classes=FLAGS.num_classes,
+        npd_data_dir=FLAGS.npd_data_dir,
+        skew_check_after=FLAGS.skew_check_after,
+        selection=FLAGS.selection,
+        selection_pool=FLAGS.selection_pool,
+        selection_round=FLAGS.selection_round,
+        selection_reuse=FLAGS.selection_reuse,
+        selection_random=FLAGS.selection_random,
+        progress=FLAGS.progress,
+        target_options={
+            "api_key": cli.api_key_from_flags(),
+            "api_key_header": FLAGS.api_key_header,
+            "request_template": FLAGS.request_template,
+            "response_field": FLAGS.response_field,
+            "input_shape": _input_shape(),
+            "num_classes": FLAGS.num_classes or None,
+            "class_names": FLAGS.class_names,
+        },
     )
+    if FLAGS.runner:
+        import logging
+
+        # Beam's notices at import about optional cloud clients (some on the root logger)
+        # are not the user's business.
+        silence = logging.Filter("apache_beam")
+        logging.getLogger().addFilter(silence)
+        logging.getLogger("apache_beam").setLevel(logging.ERROR)
+        try:
+            from copycat_tf.attack.beam_steal import steal_beam
+        except ImportError as e:
+            raise UserInputError(
+                f"--runner needs Apache Beam ({e}); install it with "
+                "pip install -r requirements-beam.txt (or pip install 'copycat-tf[beam]')"
+            ) from e
+        finally:
+            logging.getLogger().removeFilter(silence)
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        manifest = steal_beam(cfg, FLAGS.runner, beam_args, FLAGS.range_size)
+    else:
+        manifest = steal(cfg)
     print(format_summary(manifest, FLAGS.output_dir))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, except that flags steal does not know are kept (for Beam)."""
+    try:
+        return FLAGS(argv, known_only=True)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
 
 
 def entry() -> None:
     """The console script (copycat-...) and `python -m copycat_tf.steal`."""
-    cli.run(main, required=("output_dir",))
+    cli.run(main, required=("output_dir",), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ for verb in train_target model_server steal train_copycat evaluate demo study; d
   done
 done
 
+# Apache Beam is an optional extra: without it, steal --runner says how to install it.
+runner_err="$(venv/bin/copycat-steal --runner=DirectRunner --target=savedmodel:none \
+  --npd=synthetic:noise --query_budget=1 --output_dir="$work/beam" 2>&1 || true)"
+grep -q "^copycat-steal: error: --runner needs Apache Beam .*requirements-beam.txt" <<<"$runner_err" \
+  || { echo "copycat-steal --runner without Beam: $runner_err" >&2; exit 1; }
+
 echo "package smoke: copycat-demo --quick on a tiny dataset, from $work" >&2
 venv/bin/python - <<PY
 import sys

@@ -99,7 +99,7 @@ class StealConfig:
     selection_random: float = Recipe.selection_random
 
 
-def _describe(cfg: StealConfig, mode: LabelMode):
+def describe_target(cfg: StealConfig, mode: LabelMode):
     """(client, TargetInfo, num_classes) with one-line errors for unusable targets."""
     client = open_target(cfg.target, **cfg.target_options)
     try:
@@ -125,7 +125,7 @@ def _describe(cfg: StealConfig, mode: LabelMode):
     return client, info, num_classes
 
 
-def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Preparation) -> dict:
+def identity_of(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Preparation) -> dict:
     # The model, not its address: a resumed run may reach the same model on another port
     # or over the other API (the URL used is kept in target_details).
     return {
@@ -150,7 +150,7 @@ def _identity(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prepar
     }
 
 
-def _records(batch: NpdBatch, answer: Prediction, mode: LabelMode, shape) -> list:
+def answer_records(batch: NpdBatch, answer: Prediction, mode: LabelMode, shape) -> list:
     """(index, serialized Example, label) of each answered query."""
     out = []
     for i, k in enumerate(batch.query):
@@ -214,7 +214,7 @@ class _StealRun:
             cfg.selection_pool,
             cfg.selection_random,
         )
-        self.client, self.info, num_classes = _describe(cfg, self.mode)
+        self.client, self.info, num_classes = describe_target(cfg, self.mode)
         batch_size = cfg.query_batch_size
         if 0 < self.info.max_batch_size < batch_size:
             batch_size = self.info.max_batch_size
@@ -238,7 +238,7 @@ class _StealRun:
         details = {"url": cfg.target, **self.info.details}
         self.writer = writer = FakeDatasetWriter(
             cfg.output_dir,
-            _identity(cfg, self.info, num_classes, prep),
+            identity_of(cfg, self.info, num_classes, prep),
             {"query_budget": cfg.query_budget, "target_details": details},
             num_classes,
             cfg.records_per_shard,
@@ -325,7 +325,7 @@ class _StealRun:
         if isinstance(answer, TargetError):
             self.producer.stop()
             return answer
-        records = _records(batch, answer, self.mode, self.info.input_shape)
+        records = answer_records(batch, answer, self.mode, self.info.input_shape)
         self.writer.add_records(records)
         for k, _, label in records:
             self._settle(k, label)
