@@ -194,6 +194,15 @@ def test_render_tables_and_plot(tmp_path):
     results.write_results(str(tmp_path), study)
     assert (tmp_path / results.BUDGET_PLOT).read_bytes() == png  # deterministic plot
     assert not (tmp_path / results.SELECTION_PLOT).exists()  # no selection part
+    # A retrained target: the earlier one stays on record, rows keep their own ratios.
+    earlier = {**study["target"], "accuracy": 0.91, "measured": "2026-11-30"}
+    study["target"] = {**study["target"], "measured": "2026-12-06"}
+    study["earlier_targets"] = [earlier]
+    text = results.render(study, "")
+    assert "| 2 (best 2) | 0.9000 | 0.8000 | 30 s | 2026-12-06 |" in text
+    assert "| 2 (best 2) | 0.9100 | 0.8000 | 30 s | 2026-11-30 |" in text
+    assert "Every ratio is against the target that row copied." in text
+    assert "| 1,000 queries | 500 | 0.6000 | 0.4000 | 0.5000 | 66.7% | 50.0% | 12 s |" in text
 
 
 def test_rendering_does_not_depend_on_the_order_of_the_records():

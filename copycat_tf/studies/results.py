@@ -416,24 +416,36 @@ def render(study: dict, preface: str = "") -> str:
     ]
     target = study.get("target")
     if target:
+        earlier = study.get("earlier_targets", [])
         out += [
             "## Target",
             "",
             markdown_table(
-                ["model", "data", "epochs", "test accuracy", "test macro-F1", "training"],
+                ["model", "data", "epochs", "test accuracy", "test macro-F1", "training"]
+                + (["measured"] if earlier else []),
                 [
                     [
-                        f"`{target['model']}`",
-                        f"`{target['pd_data']}` ({target['test_images']:,} test images)",
-                        f"{target['epochs']} (best {target['best_epoch']})",
-                        f"{target['accuracy']:.4f}",
-                        f"{target['macro_f1']:.4f}",
-                        _seconds(target.get("train_seconds")),
+                        f"`{t['model']}`",
+                        f"`{t['pd_data']}` ({t['test_images']:,} test images)",
+                        f"{t['epochs']} (best {t['best_epoch']})",
+                        f"{t['accuracy']:.4f}",
+                        f"{t['macro_f1']:.4f}",
+                        _seconds(t.get("train_seconds")),
                     ]
+                    + ([t.get("measured", "?")] if earlier else [])
+                    for t in [target, *reversed(earlier)]
                 ],
             ),
             "",
         ]
+        if earlier:
+            out += [
+                "The first row is the target the tables below show; rows measured before it "
+                "copied an earlier training of the same recipe (the target is retrained "
+                "where its run is missing, and training differs a little between machines "
+                "and precisions). Every ratio is against the target that row copied.",
+                "",
+            ]
     for group in study.get("parts", []):
         members = _group_rows(study, group)
         pending = _pending_rows(study, group)

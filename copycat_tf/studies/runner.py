@@ -249,6 +249,8 @@ class _Study:
         }
         old = self.study.get("target") or {}
         if {k: old.get(k) for k in entry} != entry:
+            if old:  # rows measured before copied that one: it stays on record
+                self.study.setdefault("earlier_targets", []).append(old)
             self.study["target"] = self._measured(entry)
 
     def refresh_keys(self) -> None:
