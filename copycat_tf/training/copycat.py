@@ -23,7 +23,7 @@ from copycat_tf.data import fake_dataset as fd
 from copycat_tf.errors import UserInputError
 from copycat_tf.models import registry
 from copycat_tf.recipe import Recipe, TrainConfig
-from copycat_tf.training import export, trainer
+from copycat_tf.training import export, runtime, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
 METRICS_FILE = "metrics.json"
@@ -255,6 +255,8 @@ def run_train_copycat(
         stages["finetune"] = ft_info
         model = result.model
 
+    if not runtime.is_chief(strategy):
+        return trainer.worker_summary(strategy, cfg.workdir, result)
     export_dir = export.export_once(
         cfg.workdir,
         lambda: export.export_classifier(
@@ -288,6 +290,8 @@ def run_train_copycat(
 
 def format_summary(summary: dict) -> str:
     """The few lines a user wants after train_copycat."""
+    if "worker" in summary:
+        return trainer.format_worker_summary(summary)
     lines = [
         f"copycat {summary['model']} (balance={summary['balance']}, "
         f"soft_labels={summary['soft_labels']})"

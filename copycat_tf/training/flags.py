@@ -65,7 +65,15 @@ def define_training_flags(model_name_default: str, recipe: Recipe | TargetRecipe
         "Precision policy; auto = mixed_float16 on GPU, mixed_bfloat16 on CPUs with native "
         "bfloat16 (AVX512-BF16, AMX), float32 otherwise.",
     )
-    flags.DEFINE_enum("strategy", "auto", STRATEGIES, "tf.distribute strategy.")
+    flags.DEFINE_enum(
+        "strategy",
+        "auto",
+        STRATEGIES,
+        "tf.distribute strategy: auto (all local GPUs, else one device), one_device, mirrored, "
+        "multi_worker_mirrored (the cluster in TF_CONFIG; the chief writes checkpoints, "
+        "TensorBoard and the export into a workdir every worker can read), tpu (the TPU "
+        "TPUClusterResolver finds).",
+    )
     flags.DEFINE_integer("seed", recipe.seed, "Seed for splits, shuffling, augmentation, init.")
     flags.DEFINE_integer(
         "verbose",

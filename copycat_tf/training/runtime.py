@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
 def set_precision(name: str) -> str:
@@ -45,6 +45,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    if name == "multi_worker_mirrored":  # before anything starts the runtime (devices)
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "one_device"
@@ -52,7 +54,26 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _tpu_strategy()
+
+
+def _tpu_strategy():
+    """TPUStrategy on the TPU TPUClusterResolver finds (TPU_NAME, a TPU VM's local TPU)."""
+    import tensorflow as tf
+
+    from copycat_tf.errors import UserInputError
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(
+            f"--strategy=tpu: no TPU found ({first}); run on a TPU host (or set TPU_NAME), "
+            "or pick another --strategy"
+        ) from e
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -68,3 +89,30 @@ def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         pass
     return False
+
+
+def is_multi_worker(strategy) -> bool:
+    """Whether `strategy` spans several worker processes (TF_CONFIG's cluster)."""
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files: always, except the workers of a
+    multi-worker run other than its chief (task "chief", else worker 0)."""
+    if strategy is None or not is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if not resolver.task_type or resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+def task_name(strategy) -> str:
+    """This process's task in a multi-worker run ("worker 1"), "" otherwise."""
+    if strategy is None or not is_multi_worker(strategy):
+        return ""
+    resolver = strategy.cluster_resolver
+    return f"{resolver.task_type} {resolver.task_id}"

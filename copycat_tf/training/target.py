@@ -12,7 +12,7 @@ from copycat_tf.data import batches, problem_domain
 from copycat_tf.errors import UserInputError
 from copycat_tf.models import registry
 from copycat_tf.recipe import TargetRecipe, TrainConfig
-from copycat_tf.training import export, trainer
+from copycat_tf.training import export, runtime, trainer
 from copycat_tf.workdir import atomic_write_json, init_workdir
 
 METRICS_FILE = "metrics.json"
@@ -113,6 +113,8 @@ def run_train_target(
         strategy=strategy,
         hparams=hparams,
     )
+    if not runtime.is_chief(strategy):
+        return trainer.worker_summary(strategy, cfg.workdir, result)
     test = trainer.evaluate_model(
         result.model,
         batches.eval_batches(domain.split("test"), 512, cache=False),
@@ -155,6 +157,8 @@ def run_train_target(
 
 def format_summary(summary: dict) -> str:
     """The few lines a user wants after train_target."""
+    if "worker" in summary:
+        return trainer.format_worker_summary(summary)
     test = summary["test"]
     return "\n".join(
         [

@@ -29,6 +29,7 @@ from copycat_tf import viz
 from copycat_tf.data import augment, batches
 from copycat_tf.evaluation import metrics
 from copycat_tf.recipe import TrainConfig
+from copycat_tf.training import runtime
 from copycat_tf.workdir import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
@@ -76,6 +77,23 @@ def predict_logits(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.nda
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def worker_summary(strategy, workdir: str, result: TrainResult) -> dict:
+    """What a multi-worker run's non-chief worker reports (the chief writes the files)."""
+    return {
+        "worker": runtime.task_name(strategy),
+        "workdir": workdir,
+        "best_epoch": result.best_epoch,
+        "epochs_done": len(result.history),
+    }
+
+
+def format_worker_summary(summary: dict) -> str:
+    return (
+        f"{summary['worker']}: trained {summary['epochs_done']} epoch(s) with the chief, "
+        f"which writes the checkpoints, TensorBoard and the export into {summary['workdir']}"
+    )
+
+
 def history_seconds(history: list[dict]) -> float:
     """Training wall time of a run from its per-epoch history (resumes included)."""
     return round(sum(h.get("seconds", 0.0) for h in history), 1)
@@ -97,10 +115,15 @@ def evaluate_model(model: keras.Model, batches: tf.data.Dataset, num_classes: in
 
 
 class _EpochKeeper(keras.callbacks.Callback):
-    """Per-epoch bookkeeping: NaN guard, evaluation, summaries, atomic checkpoints."""
+    """Per-epoch bookkeeping: NaN guard, evaluation, summaries, atomic checkpoints (files
+    written by the chief only: the other workers of a multi-worker run keep the same
+    state, so they take the same decisions)."""
 
-    def __init__(self, ckpt_dir, writers, eval_batches, num_classes, monitor, patience, state):
+    def __init__(
+        self, ckpt_dir, writers, eval_batches, num_classes, monitor, patience, state, chief=True
+    ):
         super().__init__()
+        self.chief = chief
         self.ckpt_dir = ckpt_dir
         self.writers = writers
         self.eval_batches = eval_batches
@@ -160,16 +183,18 @@ class _EpochKeeper(keras.callbacks.Callback):
         # Weights first under a new name, then state.json pointing at them (atomic
         # replace): a kill at any moment leaves a state.json whose files all exist.
         name = f"epoch-{epoch:04d}.weights.h5"
-        tmp = os.path.join(self.ckpt_dir, f".tmp-{name}")
-        self.model.save_weights(tmp)
-        os.replace(tmp, os.path.join(self.ckpt_dir, name))
+        if self.chief:
+            tmp = os.path.join(self.ckpt_dir, f".tmp-{name}")
+            self.model.save_weights(tmp)
+            os.replace(tmp, os.path.join(self.ckpt_dir, name))
         state = self.state
         state["history"].append(record)
         value = record[f"eval/{self.monitor}"]
         if state["best_epoch"] == 0 or value > state["best_value"]:
-            best_tmp = os.path.join(self.ckpt_dir, ".tmp-" + BEST_WEIGHTS)
-            shutil.copyfile(os.path.join(self.ckpt_dir, name), best_tmp)
-            os.replace(best_tmp, os.path.join(self.ckpt_dir, BEST_WEIGHTS))
+            if self.chief:
+                best_tmp = os.path.join(self.ckpt_dir, ".tmp-" + BEST_WEIGHTS)
+                shutil.copyfile(os.path.join(self.ckpt_dir, name), best_tmp)
+                os.replace(best_tmp, os.path.join(self.ckpt_dir, BEST_WEIGHTS))
             state["best_epoch"], state["best_value"] = epoch, value
         previous = state.get("latest")
         state["epoch"], state["latest"] = epoch, name
@@ -184,9 +209,10 @@ class _EpochKeeper(keras.callbacks.Callback):
                 epoch,
                 state["best_epoch"],
             )
-        atomic_write_json(os.path.join(self.ckpt_dir, STATE_FILE), state)
-        if previous and previous != name:
-            _remove_quietly(os.path.join(self.ckpt_dir, previous))
+        if self.chief:
+            atomic_write_json(os.path.join(self.ckpt_dir, STATE_FILE), state)
+            if previous and previous != name:
+                _remove_quietly(os.path.join(self.ckpt_dir, previous))
 
 
 def _remove_quietly(path: str) -> None:
@@ -246,6 +272,8 @@ def train_classifier(
       FloatingPointError: the loss became NaN or infinite (names the step).
     """
     strategy = strategy or tf.distribute.get_strategy()
+    multi_worker = runtime.is_multi_worker(strategy)
+    chief = runtime.is_chief(strategy)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     os.makedirs(ckpt_dir, exist_ok=True)
     state_path = os.path.join(ckpt_dir, STATE_FILE)
@@ -287,9 +315,11 @@ def train_classifier(
 
     writers = {
         split: tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR, split))
+        if chief
+        else tf.summary.create_noop_writer()
         for split in ("train", "eval")
     }
-    if resumed_from == 0:
+    if resumed_from == 0 and chief:
         _write_start_summaries(writers, train_ds, class_names, hparams or {})
 
     augmenter = augment.build_augmenter(config.augment, input_shape, seed=config.seed)
@@ -298,21 +328,35 @@ def train_classifier(
     )
     eval_batches = batches.eval_batches(eval_ds, max(config.batch_size, 256))
     keeper = _EpochKeeper(
-        ckpt_dir, writers, eval_batches, len(class_names), config.monitor, config.patience, state
+        ckpt_dir,
+        writers,
+        eval_batches,
+        len(class_names),
+        config.monitor,
+        config.patience,
+        state,
+        chief,
     )
     start = time.monotonic()
     if resumed_from < config.epochs and not state.get("stopped_early"):
-        model.fit(
-            train_batches,
-            epochs=config.epochs,
-            initial_epoch=resumed_from,
-            callbacks=[keeper],
-            shuffle=False,  # the pipeline shuffles
-            verbose=config.verbose,
-        )
+        if multi_worker:  # Keras 3's fit does not run under MultiWorkerMirroredStrategy
+            _fit_multi_worker(
+                model, strategy, train_batches, keeper, config, resumed_from, steps_per_epoch
+            )
+        else:
+            model.fit(
+                train_batches,
+                epochs=config.epochs,
+                initial_epoch=resumed_from,
+                callbacks=[keeper],
+                shuffle=False,  # the pipeline shuffles
+                verbose=config.verbose,
+            )
     train_seconds = time.monotonic() - start
     for w in writers.values():
         w.close()
+    if multi_worker:  # the best weights in a model of this process alone, to export
+        model = build_model()
     model.load_weights(os.path.join(ckpt_dir, BEST_WEIGHTS))
     return TrainResult(
         model=model,
@@ -321,3 +365,59 @@ def train_classifier(
         resumed_from=resumed_from,
         train_seconds=train_seconds,
     )
+
+
+def _fit_multi_worker(model, strategy, train_batches, keeper, config, first_epoch, steps):
+    """The epochs of `model.fit` as a custom loop over `strategy.run`: each worker reads
+    its share of every (full) global batch (auto-sharded by data), gradients are all-reduced,
+    and `keeper` does the per-epoch bookkeeping on every worker (files on the chief). All
+    workers meet after each epoch's checkpoint, so none reads a file not yet written."""
+    optimizer = model.optimizer
+    if config.soft_labels:
+        loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # Full global batches only, across epoch boundaries: a partial batch would be traced
+    # again on some workers and not others, and their all-reduces would no longer match.
+    full = train_batches.unbatch().repeat().batch(config.batch_size, drop_remainder=True)
+    iterator = iter(strategy.experimental_distribute_dataset(full.with_options(options)))
+    total = tf.distribute.ReduceOp.SUM
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(x, training=True), tf.float32)
+            loss = tf.nn.compute_average_loss(
+                loss_fn(y, logits), global_batch_size=config.batch_size
+            )
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        labels = tf.argmax(y, axis=-1) if config.soft_labels else tf.cast(y, tf.int64)
+        hits = tf.equal(tf.argmax(logits, axis=-1), labels)
+        return loss, tf.reduce_sum(tf.cast(hits, tf.float32)), tf.cast(tf.shape(x)[0], tf.float32)
+
+    @tf.function
+    def train_step(iterator):
+        per_replica = strategy.run(step, args=next(iterator))
+        return [strategy.reduce(total, value, axis=None) for value in per_replica]
+
+    @tf.function
+    def barrier():
+        return strategy.reduce(total, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    keeper.set_model(model)
+    for epoch in range(first_epoch, config.epochs):
+        keeper.on_epoch_begin(epoch)
+        loss_sum = hits = seen = 0.0
+        for i in range(steps):
+            loss, correct, n = (float(v) for v in train_step(iterator))
+            keeper.on_train_batch_end(i, {"loss": loss})
+            loss_sum, hits, seen = loss_sum + loss, hits + correct, seen + n
+        keeper.on_epoch_end(epoch, {"loss": loss_sum / steps, "accuracy": hits / max(seen, 1.0)})
+        barrier()
+        if model.stop_training:
+            break
