@@ -28,7 +28,7 @@ from copycat_tf.attack import ranges as rg
 from copycat_tf.attack.adaptation import Exploration
 from copycat_tf.attack.label_modes import parse_label_mode
 from copycat_tf.attack.progress import LabelStats
-from copycat_tf.attack.steal import StealConfig, describe_target, identity_of
+from copycat_tf.attack.steal import StealConfig, describe_target, identity_of, report_exhausted
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.npd import NpdStream
 from copycat_tf.data.preparation import Preparation
@@ -184,6 +184,23 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
     done: list[dict] = []
     weights = adaptation = ended_at = None
     position = answered = 0
+
+    def record(status: str) -> dict:  # the manifest of what is done so far
+        seconds = _seconds(previous, started)
+        return _write_manifest(
+            cfg,
+            identity,
+            info,
+            num_classes,
+            done,
+            position,
+            status,
+            runner,
+            workers,
+            seconds,
+            adaptation,
+        )
+
     while answered < cfg.query_budget and ended_at is None:
         if bound is not None and position >= bound and weights is None:
             adaptation, weights = _adapt(stream, done, bound, num_classes)
@@ -220,42 +237,11 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
             if summary["ended_at"] is not None and ended_at is None:
                 ended_at = summary["ended_at"]
         position = wave.end if ended_at is None else ended_at
-        _write_manifest(
-            cfg,
-            identity,
-            info,
-            num_classes,
-            done,
-            position,
-            "in_progress",
-            runner,
-            workers,
-            _seconds(previous, started),
-            adaptation,
-        )
+        record("in_progress")
     status = "exhausted" if ended_at is not None and answered < cfg.query_budget else "complete"
     if status == "exhausted":
-        logging.warning(
-            "steal: the NPD stream %s ends before the budget: only %d of the %d queries can be "
-            "spent. Give more NPD items (--npd_cycle, more --crops_per_image, a larger folder "
-            "or a mix: with another source)",
-            cfg.npd,
-            answered,
-            cfg.query_budget,
-        )
-    return _write_manifest(
-        cfg,
-        identity,
-        info,
-        num_classes,
-        done,
-        position,
-        status,
-        runner,
-        workers,
-        _seconds(previous, started),
-        adaptation,
-    )
+        report_exhausted(cfg, answered)
+    return record(status)
 
 
 def _start(summary: dict) -> int:

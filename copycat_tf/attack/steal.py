@@ -308,7 +308,7 @@ class _StealRun:
         if batch.end and not self.exhausted:
             self.exhausted = True
             reachable = self.spent_before + self.producer.produced
-            _report_exhausted(self.cfg, reachable)
+            report_exhausted(self.cfg, reachable)
             self.writer.write_manifest(npd_exhausted_at=reachable)
         _record_npd_choices(self.producer, self.writer)
         self._record_rounds()
@@ -486,7 +486,7 @@ class _SkewCheck:
             logging.warning("steal: %s", message)
 
 
-def _report_exhausted(cfg: StealConfig, reachable: int) -> None:
+def report_exhausted(cfg: StealConfig, reachable: int) -> None:
     logging.warning(
         "steal: the NPD stream %s ends before the budget: only %d of the %d queries can be "
         "spent. To reach the budget, give more NPD items: --npd_cycle (a folder starts over "
