@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 
 $(STAMP): requirements.txt requirements-beam.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-beam.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
