@@ -15,6 +15,7 @@ Apache Beam is an optional dependency (requirements-beam.txt).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -29,13 +30,13 @@ from copycat_tf.attack.adaptation import Exploration
 from copycat_tf.attack.label_modes import parse_label_mode
 from copycat_tf.attack.progress import LabelStats
 from copycat_tf.attack.steal import StealConfig, describe_target, identity_of, report_exhausted
+from copycat_tf.attack.writer import MAX_SKIP_EXAMPLES
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.npd import NpdStream
 from copycat_tf.data.preparation import Preparation
 from copycat_tf.errors import UserInputError
 from copycat_tf.recipe import Recipe
 
-MAX_SKIP_EXAMPLES = 100
 ENGINE = "beam"
 
 
@@ -86,16 +87,16 @@ def _check_settings(cfg: StealConfig, range_size: int) -> None:
 def _check_output(out: str, identity: dict) -> dict | None:
     """The manifest of an earlier run of this steal (None for a new one); refuses another
     run's directory. Records the identity before anything is sent."""
-    gfile = rg._gfile()
+    fs = rg.gfile()
     manifest_path = os.path.join(out, fd.MANIFEST)
     identity_path = os.path.join(out, rg.RANGES_DIR, rg.IDENTITY)
-    manifest = rg.read_json(manifest_path) if gfile.exists(manifest_path) else None
+    manifest = rg.read_json(manifest_path) if fs.exists(manifest_path) else None
     if manifest is not None and manifest.get("engine") != ENGINE:
         raise UserInputError(
             f"--output_dir {out} holds a fake dataset stolen in process; resume it without "
             "--runner, or pass a new --output_dir"
         )
-    if gfile.exists(identity_path):
+    if fs.exists(identity_path):
         recorded = rg.read_json(identity_path)
         differs = sorted(
             k for k in identity.keys() | recorded.keys() if recorded.get(k) != identity.get(k)
@@ -108,12 +109,12 @@ def _check_output(out: str, identity: dict) -> dict | None:
                 "preparation flags to resume"
             )
         return manifest
-    if gfile.exists(out) and gfile.listdir(out):
+    if fs.exists(out) and fs.listdir(out):
         raise UserInputError(
             f"--output_dir {out} is not empty and holds no fake dataset of --runner; pass an "
             "empty or new directory"
         )
-    gfile.makedirs(os.path.join(out, rg.RANGES_DIR))
+    fs.makedirs(os.path.join(out, rg.RANGES_DIR))
     rg.write_json(identity_path, identity)
     return None
 
@@ -185,6 +186,8 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
     weights = adaptation = ended_at = None
     position = answered = 0
 
+    created = (previous or {}).get("created") or _now()
+
     def record(status: str) -> dict:  # the manifest of what is done so far
         seconds = _seconds(previous, started)
         return _write_manifest(
@@ -199,14 +202,15 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
             workers,
             seconds,
             adaptation,
+            created,
         )
 
+    committed = rg.committed_summaries(out)
     while answered < cfg.query_budget and ended_at is None:
         if bound is not None and position >= bound and weights is None:
             adaptation, weights = _adapt(stream, done, bound, num_classes)
             logging.info("steal: NPD preparation adapted after %d answers", adaptation["answers"])
         stop_at = bound if bound is not None and position < bound else None
-        committed = rg.committed_summaries(out)
         try:
             wave = rg.plan_wave(
                 position, cfg.query_budget - answered, committed, range_size, stop_at
@@ -230,7 +234,8 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
         )
         if jobs:
             _run_wave(options, jobs, fn, out)
-            committed = rg.committed_summaries(out)
+            for job in jobs:  # what the wave committed
+                committed[(job.start, job.end)] = rg.read_json(rg.summary_path(out, job.name))
         for summary in sorted(wave.reused + [committed[(a, b)] for a, b in wave.new], key=_start):
             done.append(summary)
             answered += summary["records"]
@@ -244,13 +249,15 @@ def steal_beam(cfg: StealConfig, runner: str, beam_args: list[str], range_size: 
     return record(status)
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def _start(summary: dict) -> int:
     return summary["start"]
 
 
 def _with_preparation(cfg: StealConfig, prep: Preparation) -> StealConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, preparation=prep, progress=False)
 
 
@@ -271,15 +278,12 @@ def _write_manifest(
     workers: int,
     seconds: float,
     adaptation: dict | None,
+    created: str,
 ) -> dict:
     labels = LabelStats(num_classes)
     for s in summaries:
         labels.add([y for _, y in s["labels"]])
-    skips = [
-        {"index": x["index"], "source_id": x["source_id"], "error": x["error"]}
-        for s in summaries
-        for x in s["skips"]
-    ]
+    skips = [skip for s in summaries for skip in s["skips"]]
     per_worker: dict[str, dict] = {}
     for s in summaries:
         w = per_worker.setdefault(
@@ -288,9 +292,6 @@ def _write_manifest(
         w["ranges"] += 1
         w["records"] += s["records"]
         w["seconds"] = round(w["seconds"] + s["seconds"], 3)
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    path = os.path.join(cfg.output_dir, fd.MANIFEST)
-    created = rg.read_json(path).get("created", now) if rg._gfile().exists(path) else now
     manifest = {
         "schema_version": fd.SCHEMA_VERSION,
         **identity,
@@ -313,8 +314,8 @@ def _write_manifest(
         "target_details": {"url": cfg.target, **info.details},
         "workers": sorted(per_worker.values(), key=lambda w: w["worker"]),
         "created": created,
-        "updated": now,
+        "updated": _now(),
         **({"npd_adaptation": adaptation} if adaptation else {}),
     }
-    rg.write_json(path, manifest)
+    rg.write_json(os.path.join(cfg.output_dir, fd.MANIFEST), manifest)
     return manifest

@@ -17,6 +17,7 @@ until `query_budget` items were answered (unreadable items skipped). All I/O goe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -40,7 +41,8 @@ RANGES_DIR = ".ranges"  # summaries, identity and staging, beside the shards
 IDENTITY = "identity.json"
 
 
-def _gfile():
+def gfile():
+    """tf.io.gfile (TensorFlow imported on first use)."""
     import tensorflow as tf
 
     return tf.io.gfile
@@ -70,15 +72,15 @@ def summary_path(output_dir: str, name: str) -> str:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a file whole or not at all (temp name, then rename over)."""
-    gfile = _gfile()
+    fs = gfile()
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with gfile.GFile(tmp, "wb") as f:
+    with fs.GFile(tmp, "wb") as f:
         f.write(data)
-    gfile.rename(tmp, path, overwrite=True)
+    fs.rename(tmp, path, overwrite=True)
 
 
 def read_json(path: str) -> dict:
-    with _gfile().GFile(path, "rb") as f:
+    with gfile().GFile(path, "rb") as f:
         return json.loads(f.read())
 
 
@@ -88,18 +90,16 @@ def write_json(path: str, obj) -> None:
 
 def _write_records(path: str, records: list[bytes]) -> str:
     """A TFRecord file written whole or not at all; returns its sha256."""
-    import hashlib
-
     import tensorflow as tf
 
-    gfile = _gfile()
+    fs = gfile()
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with tf.io.TFRecordWriter(tmp) as writer:
         for record in records:
             writer.write(record)
-    with gfile.GFile(tmp, "rb") as f:
+    with fs.GFile(tmp, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    gfile.rename(tmp, path, overwrite=True)
+    fs.rename(tmp, path, overwrite=True)
     return digest
 
 
@@ -111,10 +111,10 @@ def _read_records(path: str) -> list[bytes]:
 
 def committed_summaries(output_dir: str) -> dict[tuple[int, int], dict]:
     """{(start, end): summary} of every committed range."""
-    gfile = _gfile()
+    fs = gfile()
     pattern = os.path.join(output_dir, RANGES_DIR, "*-*.json")
     out = {}
-    for path in gfile.glob(pattern):
+    for path in fs.glob(pattern):
         summary = read_json(path)
         out[(summary["start"], summary["end"])] = summary
     return out
@@ -224,14 +224,14 @@ class RangeWorker:
         Raises:
           TargetError: a request failed for good (answers so far stay staged).
         """
-        gfile = _gfile()
+        fs = gfile()
         out = self.cfg.output_dir
         done = summary_path(out, r.name)
-        if gfile.exists(done):
+        if fs.exists(done):
             return read_json(done)
         started = time.monotonic()
         staging = os.path.join(out, RANGES_DIR, r.name)
-        gfile.makedirs(staging)
+        fs.makedirs(staging)
         self.stream.arm_weights = None if r.arm_weights is None else np.array(r.arm_weights)
         batches = _Batches(self.stream, r, self.cfg.query_batch_size)  # made as they are sent
         answered: dict[int, list[tuple[int, bytes, int]]] = {}
@@ -259,7 +259,7 @@ class RangeWorker:
                 "last_index": records[-1][0],
             }
         write_json(done, summary)  # the commit: from here on the range is never re-sent
-        gfile.rmtree(staging)
+        fs.rmtree(staging)
         return summary
 
     def _staged(self, path: str) -> list[tuple[int, bytes, int]]:
@@ -292,7 +292,7 @@ class RangeWorker:
                         more = False
                         break
                     path = os.path.join(staging, f"{j:05d}.tfrecord")
-                    if _gfile().exists(path):
+                    if gfile().exists(path):
                         answered[j] = self._staged(path)
                         continue
                     dispatcher.submit((j, batch), np.stack(batch.images), batch.pngs)
