@@ -1,6 +1,7 @@
 """steal --runner: the steal as an Apache Beam pipeline (DirectRunner, worker processes),
 against the embedded model server over real localhost sockets."""
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -16,17 +17,20 @@ from server_util import ServerProcess
 
 from copycat_tf.attack import ranges as rg
 from copycat_tf.attack.beam_steal import steal_beam
-from copycat_tf.attack.steal import StealConfig
+from copycat_tf.attack.label_modes import parse_label_mode
+from copycat_tf.attack.steal import StealConfig, describe_target
 from copycat_tf.attack.steal import steal as run_steal
 from copycat_tf.data import fake_dataset as fd
 from copycat_tf.data.preparation import Preparation
 from copycat_tf.errors import UserInputError
 from copycat_tf.recipe import Recipe
+from copycat_tf.targets.base import TargetError
 from copycat_tf.targets.retry import RetryPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MONITORING = f"--monitoring_config_file={REPO}/experiments/fashion_mnist/monitoring.config"
 TWO_PROCESSES = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+EXPLORE = {"adapt_after": 1000}  # the first 1,000 positions are the adaptation's exploration
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,22 @@ def test_plan_wave_meets_the_budget_exactly():
         rg.plan_wave(16, 10, committed, 16)
 
 
+def test_max_qps_is_shared_among_the_workers_the_options_name():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from copycat_tf.attack.beam_steal import num_workers
+
+    def workers(*args):
+        return num_workers(PipelineOptions(list(args)))
+
+    assert workers("--runner=DirectRunner", *TWO_PROCESSES) == 2
+    assert workers("--runner=DirectRunner") == 1  # Beam's default
+    assert workers("--runner=DirectRunner", "--direct_num_workers=0") == os.cpu_count()
+    assert workers("--runner=DataflowRunner", "--num_workers=3", "--max_num_workers=8") == 8
+    assert workers("--runner=FlinkRunner", "--num_workers=4") == 4
+    assert workers("--runner=SparkRunner") == 1  # unknown: the whole --max_qps per worker
+
+
 def test_beam_steal_writes_the_in_process_records(server, npd_folder, tmp_path):
     """Two worker processes: the records of the in-process engine (unreadable items
     skipped, the adapted preparation after the exploration), the budget exactly, a
@@ -174,6 +194,32 @@ def test_a_failed_pipeline_resumes_without_paying_twice(tiny_export, npd_folder,
         assert rows_answered(s) == 200 - kept
     run_steal(config(tmp_path / "one", f"savedmodel:{tiny_export[1]}", npd_folder, 200))
     assert m["queries_spent"] == 200 and records(out) == records(tmp_path / "one")
+
+
+def test_a_retried_range_pays_only_for_what_was_not_answered(tiny_export, npd_folder, tmp_path):
+    """What a runner does when a bundle fails (a request failing for good, a worker lost):
+    it gives the same range to a worker again. The retry reads the answers staged by the
+    failed attempt back and sends only the requests that have none."""
+    out, r = tmp_path / "beam", rg.Range(0, 96)  # within the exploration: no arm weights
+    flags = (f"--model_base_path={tiny_export[0]}", "--model_name=m", MONITORING)
+    with ServerProcess(*flags, "--inject_latency_ms=150") as slow:
+        cfg = config(out, f"grpc://{slow.grpc_target}/m", npd_folder, 96, max_retries=0, **EXPLORE)
+        staging = out / rg.RANGES_DIR / r.name
+        stopper = _stop_once(slow, lambda: len(list(staging.glob("*.tfrecord"))) >= 3)
+        with _range_worker(cfg) as worker, pytest.raises(TargetError):
+            worker.process(r)  # the failure, injected once: the target goes away
+        stopper.join()
+    staged = _answers_on_disk(out)
+    assert not rg.committed_summaries(str(out)) and staged >= 3 * cfg.query_batch_size
+    with ServerProcess(*flags) as s:
+        target = f"grpc://{s.grpc_target}/m"
+        with _range_worker(config(out, target, npd_folder, 96, **EXPLORE)) as worker:
+            retried = worker.process(r)  # the runner's retry
+        assert rows_answered(s) == retried["records"] - staged
+        with _range_worker(config(tmp_path / "clean", target, npd_folder, 96, **EXPLORE)) as w:
+            clean = w.process(r)  # the same range, never interrupted
+    assert retried["labels"] == clean["labels"] and retried["skips"] == clean["skips"]
+    assert retried["shard"] == clean["shard"]  # the same records, byte for byte (sha256)
 
 
 def test_kill_9_during_a_beam_steal_then_resume(server, tiny_export, npd_folder, tmp_path):
@@ -264,13 +310,31 @@ def _answers_on_disk(out) -> int:
 
 def _stop_when(server, out, committed: int):
     """A thread that stops `server` once `committed` ranges of `out` are committed."""
+    return _stop_once(
+        server, lambda: out.exists() and len(rg.committed_summaries(str(out))) >= committed
+    )
+
+
+@contextlib.contextmanager
+def _range_worker(cfg: StealConfig):
+    """A worker of the pipeline (what each Beam worker process runs), opened on cfg."""
+    client, info, num_classes = describe_target(cfg, parse_label_mode(cfg.label_mode))
+    client.close()
+    worker = rg.RangeWorker(cfg, info.input_shape, num_classes, 0.0)
+    worker.open()
+    try:
+        yield worker
+    finally:
+        worker.close()
+
+
+def _stop_once(server, condition):
+    """A thread that stops `server` once `condition()` holds (at most 240 s)."""
     import threading
 
     def watch():
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if out.exists() and len(rg.committed_summaries(str(out))) >= committed:
-                break
+        while time.monotonic() < deadline and not condition():
             time.sleep(0.02)
         server.stop()
 

@@ -44,6 +44,8 @@ def open_image(data: bytes) -> Image.Image:
         if image.width * image.height > MAX_SOURCE_PIXELS:
             raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
         image.load()
+    except Image.UnidentifiedImageError as e:  # its message names a buffer's address
+        raise ValueError("not a readable image: no format PIL reads") from e
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image: {e}") from e
     return image
