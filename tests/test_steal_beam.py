@@ -200,10 +200,10 @@ def test_a_retried_range_pays_only_for_what_was_not_answered(tiny_export, npd_fo
     """What a runner does when a bundle fails (a request failing for good, a worker lost):
     it gives the same range to a worker again. The retry reads the answers staged by the
     failed attempt back and sends only the requests that have none."""
-    out, r = tmp_path / "beam", rg.Range(0, 96)  # within the exploration: no arm weights
+    out, r = tmp_path / "beam", rg.Range(0, 320)  # ~40 requests, within the exploration
     flags = (f"--model_base_path={tiny_export[0]}", "--model_name=m", MONITORING)
     with ServerProcess(*flags, "--inject_latency_ms=150") as slow:
-        cfg = config(out, f"grpc://{slow.grpc_target}/m", npd_folder, 96, max_retries=0, **EXPLORE)
+        cfg = config(out, f"grpc://{slow.grpc_target}/m", npd_folder, 320, max_retries=0, **EXPLORE)
         staging = out / rg.RANGES_DIR / r.name
         stopper = _stop_once(slow, lambda: len(list(staging.glob("*.tfrecord"))) >= 3)
         with _range_worker(cfg) as worker, pytest.raises(TargetError):
@@ -213,10 +213,10 @@ def test_a_retried_range_pays_only_for_what_was_not_answered(tiny_export, npd_fo
     assert not rg.committed_summaries(str(out)) and staged >= 3 * cfg.query_batch_size
     with ServerProcess(*flags) as s:
         target = f"grpc://{s.grpc_target}/m"
-        with _range_worker(config(out, target, npd_folder, 96, **EXPLORE)) as worker:
+        with _range_worker(config(out, target, npd_folder, 320, **EXPLORE)) as worker:
             retried = worker.process(r)  # the runner's retry
         assert rows_answered(s) == retried["records"] - staged
-        with _range_worker(config(tmp_path / "clean", target, npd_folder, 96, **EXPLORE)) as w:
+        with _range_worker(config(tmp_path / "clean", target, npd_folder, 320, **EXPLORE)) as w:
             clean = w.process(r)  # the same range, never interrupted
     assert retried["labels"] == clean["labels"] and retried["skips"] == clean["skips"]
     assert retried["shard"] == clean["shard"]  # the same records, byte for byte (sha256)
