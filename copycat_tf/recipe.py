@@ -175,8 +175,10 @@ class Recipe:
         )
 
     def quick(self) -> Recipe:
-        """A first look in a few minutes (the demo's --quick)."""
-        return dataclasses.replace(self, query_budget=5_000, epochs=2)
+        """A first look in under three minutes on 2 CPU cores (the demo's --quick): 20,000
+        queries and 5 epochs (5,000 queries and 2 epochs took half the time and copied
+        far less: 58.7 % of the target's accuracy against 83.0 %)."""
+        return dataclasses.replace(self, query_budget=20_000, epochs=5)
 
 
 @dataclasses.dataclass(frozen=True)
