@@ -46,6 +46,8 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
     chosen = args.targets.split(",")
+    if not set(chosen) <= {"latency", "fast"}:
+        parser.error(f"--targets={args.targets}: expected latency, fast or both, comma-separated")
 
     workdir = tempfile.mkdtemp(prefix="bench-beam-")
     export_random_target(workdir)
