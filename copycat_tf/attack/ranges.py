@@ -88,19 +88,20 @@ def write_json(path: str, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _write_records(path: str, records: list[bytes]) -> str:
-    """A TFRecord file written whole or not at all; returns its sha256."""
+def _write_records(path: str, records: list[bytes]) -> None:
+    """A TFRecord file written whole or not at all."""
     import tensorflow as tf
 
-    fs = gfile()
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with tf.io.TFRecordWriter(tmp) as writer:
         for record in records:
             writer.write(record)
-    with fs.GFile(tmp, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    fs.rename(tmp, path, overwrite=True)
-    return digest
+    gfile().rename(tmp, path, overwrite=True)
+
+
+def _sha256(path: str) -> str:
+    with gfile().GFile(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _read_records(path: str) -> list[bytes]:
@@ -251,10 +252,11 @@ class RangeWorker:
         }
         if records:
             path = os.path.join(out, r.shard)
+            _write_records(path, [payload for _, payload, _ in records])
             summary["shard"] = {
                 "file": r.shard,
                 "records": len(records),
-                "sha256": _write_records(path, [payload for _, payload, _ in records]),
+                "sha256": _sha256(path),
                 "first_index": records[0][0],
                 "last_index": records[-1][0],
             }
