@@ -299,6 +299,7 @@ def run_attack(cfg: AttackConfig, verbose: int = 0) -> dict:
         "manifest": manifest,
         "timings": timings,
         "report": report,
+        "copycat": copycat["stages"]["npd"],
         "paths": {
             "target": target["export_dir"],
             "fake_dataset": os.path.join(root, "fake_npd"),

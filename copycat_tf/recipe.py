@@ -36,6 +36,8 @@ class TrainConfig:
         against the target's probabilities) instead of integer labels.
       cache: keep the decoded training examples in memory (off when the caller's dataset
         changes between epochs, e.g. class-balanced resampling).
+      mixup: alpha of mixup of training batches (data.batches.training_batches; 0: off);
+        the loss is then against score vectors, as with soft labels.
     """
 
     epochs: int
@@ -51,6 +53,7 @@ class TrainConfig:
     verbose: int = 2
     soft_labels: bool = False
     cache: bool = True
+    mixup: float = 0.0
 
 
 # Natural NPD images on Debian/Ubuntu (package openclipart-png).
@@ -74,6 +77,7 @@ TRAINING_FIELDS = (
     "learning_rate",
     "weight_decay",
     "augment",
+    "mixup",
     "warmup_epochs",
     "patience",
     "balance",
@@ -100,6 +104,11 @@ class Recipe:
       npd_background, npd_invert, npd_jitter, npd_jitter_on, npd_blur, npd_crop_area,
         npd_crop_aspect, npd_cycle, npd_adapt_after: how natural pictures are prepared for
         the target (data.preparation).
+      invariance_probe: N > 0 sends mirrored and one-pixel-shifted copies of the first N
+        items (3N queries in all, every answer training data) to learn whether the target
+        is mirror-invariant (data.invariance); 0: none. Off by default: the flips it turns
+        on (augment "auto") did not gain consistently against the Fashion-MNIST target
+        (experiments/fashion_mnist/RESULTS.md, copycat part).
       selection: which NPD items are sent (attack.selection.SELECTIONS).
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
@@ -111,7 +120,10 @@ class Recipe:
         candidates in all).
       label_mode: what is kept of each answer: hard, topk:K or scores.
       model: copycat architecture (models.registry).
-      epochs, batch_size, learning_rate, weight_decay, augment: copycat training.
+      epochs, batch_size, learning_rate, weight_decay, augment: copycat training
+        (augment "auto": flips when the fake dataset's invariance probe finds the target
+        mirror-invariant, else none; needs a steal with invariance_probe).
+      mixup: alpha of mixup of the copycat's training batches (0: off).
       warmup_epochs: learning-rate warm-up before the cosine decay.
       patience: epochs without better hold-out agreement before training stops (0: never).
       balance: class balancing of the stolen labels (data.balance).
@@ -137,6 +149,7 @@ class Recipe:
     npd_crop_aspect: str = "0.75,1.33"
     npd_cycle: bool = True
     npd_adapt_after: int = 2048
+    invariance_probe: int = 0
     selection: str = "random"
     selection_pool: int = 100_000
     selection_round: int = 0
@@ -149,6 +162,7 @@ class Recipe:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     augment: str = "none"
+    mixup: float = 0.0
     warmup_epochs: float = 0.0
     patience: int = 3
     balance: str = "replicate"
@@ -191,6 +205,7 @@ class TargetRecipe:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     augment: str = "flip"
+    mixup: float = 0.0
     warmup_epochs: float = 0.0
     patience: int = 0
     precision: str = "auto"
@@ -214,4 +229,5 @@ def _train_config(recipe: Recipe | TargetRecipe, verbose: int) -> TrainConfig:
         warmup_epochs=recipe.warmup_epochs,
         patience=recipe.patience,
         verbose=verbose,
+        mixup=recipe.mixup,
     )

@@ -113,6 +113,15 @@ flags.DEFINE_integer(
     "with weights favouring those whose answers were rare labels (0: never adapt).",
     lower_bound=0,
 )
+flags.DEFINE_integer(
+    "invariance_probe",
+    RECIPE.invariance_probe,
+    "N > 0: stream positions N..2N-1 are mirror images of positions 0..N-1 and 2N..3N-1 "
+    "the same shifted by one pixel, so train_copycat --augment=auto learns whether the "
+    "target is mirror-invariant (the answers are training data too; with a --selection, N "
+    "shrinks to fit its exploration); 0: no probe.",
+    lower_bound=0,
+)
 flags.DEFINE_enum(
     "selection",
     RECIPE.selection,

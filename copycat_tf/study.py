@@ -15,6 +15,7 @@ import sys
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.data.augment import AUGMENTERS, AUTO
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.data.preparation import JITTER_ON
@@ -100,6 +101,18 @@ flags.DEFINE_enum(
     RECIPE.npd_jitter_on,
     list(JITTER_ON),
     "What the NPD preparation's jitter changes (steal --helpfull).",
+)
+flags.DEFINE_integer(
+    "invariance_probe",
+    RECIPE.invariance_probe,
+    "Mirror/shift probe of the reference attack's steals (steal --helpfull).",
+    lower_bound=0,
+)
+flags.DEFINE_enum(
+    "augment",
+    RECIPE.augment,
+    [AUTO, *AUGMENTERS],
+    "Copycat training augmentation (train_copycat --helpfull).",
 )
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", RECIPE.finetune_epochs, "NPD+PD epochs.", lower_bound=1)

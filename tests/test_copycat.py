@@ -1,5 +1,6 @@
 """train_copycat and evaluate: learning, balancing, soft labels, NPD+PD, bad input, reports."""
 
+import dataclasses
 import json
 import os
 
@@ -36,7 +37,7 @@ def attack(tmp_path_factory):
             model="small_cnn",
             workdir=str(root / "target"),
             data_dir=data_dir,
-            train=_train(4, batch=32),
+            train=dataclasses.replace(_train(4, batch=32), augment="none"),
         )
     )
     url = f"savedmodel:{target['export_dir']}"
@@ -308,3 +309,50 @@ def test_first_n_queries_of_a_fake_dataset(attack):
     indices = sorted(int(r[3]) for r in small.records().as_numpy_iterator())
     assert indices == list(range(500))
     assert data.first(10**6) is data
+
+
+def test_augment_auto_is_decided_by_the_fake_datasets_invariance_probe(attack, tmp_path):
+    """A steal with the invariance probe (mirrors and shifts of its first queries):
+    --augment=auto trains with what the probe's answers say, and records why; a dataset
+    without a probe trains without flips; an explicit augment is kept as it is."""
+    from copycat_tf.data import invariance
+    from copycat_tf.data.preparation import Preparation
+    from copycat_tf.training.copycat import format_summary
+
+    probed = str(tmp_path / "probed")
+    steal(
+        StealConfig(
+            target=attack["target"],
+            npd="synthetic:dead_leaves",
+            output_dir=probed,
+            query_budget=3 * 64 + 40,
+            query_batch_size=64,
+            crops_per_image=1,
+            progress=False,
+            preparation=Preparation.of(Recipe(invariance_probe=64)),
+        )
+    )
+    data = fd.load_fake_data([probed])
+    assert data.probe == 64
+    expected = invariance.analyse(data.query_indices, data.labels, data.probe)
+    assert expected["pairs"] == 64  # every copy was answered
+    auto = dataclasses.replace(_train(1), augment="auto")
+
+    def train(fake, name, config):
+        return run_train_copycat(
+            TrainCopycatConfig(
+                fake_dataset=[fake], model="small_cnn", workdir=str(tmp_path / name), train=config
+            )
+        )
+
+    out = train(probed, "auto", auto)
+    stage = out["stages"]["npd"]
+    assert stage["invariance_probe"] == expected
+    assert stage["augment"] == ("flip" if expected["flip"] else "none")
+    assert f"--augment=auto -> {stage['augment']}" in format_summary(out)
+    # The fixture's steals have no probe (the recipe's default): no evidence, no flips.
+    plain = train(attack["pd"], "plain", auto)["stages"]["npd"]
+    assert plain["augment"] == "none" and plain["invariance_probe"]["probe"] == 0
+    assert "no invariance probe" in plain["invariance_probe"]["reason"]
+    kept = train(probed, "kept", _train(1))["stages"]["npd"]
+    assert kept["augment"] == Recipe.augment and "invariance_probe" not in kept

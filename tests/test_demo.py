@@ -5,6 +5,8 @@ import os
 
 from cli_util import run_verb
 
+from copycat_tf.recipe import Recipe
+
 
 def test_demo_quick_end_to_end(fashion_dir, tmp_path):
     workdir = tmp_path / "demo"
@@ -24,6 +26,7 @@ def test_demo_quick_end_to_end(fashion_dir, tmp_path):
     assert "copycat_tf demo: stealing a fashion_mnist classifier with up to 300 queries" in out
     assert "stolen with 300 queries of synthetic:dead_leaves (budget 300, complete)" in out
     assert "━" not in out  # no Keras progress bars in a pipe (one line per epoch)
+    assert f"copycat trained with --augment={Recipe.augment}" in out
     for line in ("accuracy", "macro-F1", "agreement with target", "TensorBoard: tensorboard"):
         assert line in out
     report = json.loads((workdir / "eval" / "report.json").read_text())

@@ -327,3 +327,66 @@ def test_adaptive_stream_explores_then_draws_arms_by_weight(tmp_path):
     clear = [adaptive.item(k) for k in range(10, 60)]
     clear = [i.image for i in clear if i.source_id.startswith("clear")]
     assert clear and all((c == 255).all() for c in clear)
+
+
+@pytest.mark.parametrize("spec", ["synthetic:shapes", "folder"])
+def test_invariance_probe_copies_are_mirrors_and_shifts_of_the_first_items(spec, tmp_path):
+    from copycat_tf.data import invariance
+
+    if spec == "folder":
+        spec = _clear_and_opaque(tmp_path / "p")
+    knobs = {"background": "black,white", "crop_area": "0.2,1", "cycle": True}
+    plain = NpdStream(spec, (12, 12, 1), seed=3, preparation=_prep(**knobs))
+    probed = NpdStream(spec, (12, 12, 1), seed=3, preparation=_prep(probe=5, **knobs))
+    for k in range(5):  # the originals, and everything after the copies, are the stream's
+        np.testing.assert_array_equal(probed.item(k).image, plain.item(k).image)
+    for k in range(15, 30):
+        np.testing.assert_array_equal(probed.item(k).image, plain.item(k).image)
+        assert probed.arm(k) == plain.arm(k)
+    for j in range(5):
+        original = plain.item(j)
+        mirror, shift = probed.item(5 + j), probed.item(10 + j)
+        np.testing.assert_array_equal(mirror.image, original.image[:, ::-1])
+        np.testing.assert_array_equal(shift.image[:, 1:], original.image[:, :-1])
+        np.testing.assert_array_equal(shift.image[:, 0], original.image[:, 0])
+        assert mirror.source_id == f"{original.source_id}#{invariance.MIRROR}"
+        assert shift.source_id == f"{original.source_id}#{invariance.SHIFT}"
+        assert (mirror.index, shift.index) == (5 + j, 10 + j)
+        assert probed.arm(5 + j) == probed.arm(10 + j) == plain.arm(j)  # the same arm
+    # A pure function of (spec, seed, index): another stream, any order, the same copies.
+    again = NpdStream(spec, (12, 12, 1), seed=3, preparation=_prep(probe=5, **knobs))
+    for k in (14, 7, 0, 9):
+        np.testing.assert_array_equal(again.item(k).image, probed.item(k).image)
+    # A stream without a preparation given (other tools' streams) has no probe.
+    assert NpdStream(spec, (12, 12, 1)).preparation.probe == 0
+    with pytest.raises(UserInputError, match="--invariance_probe"):
+        _prep(probe=-1)
+
+
+def test_invariance_analysis_tells_an_invariant_target_from_one_that_is_not():
+    from copycat_tf.data import invariance
+
+    rng = np.random.default_rng(0)
+    n = 200
+    originals = rng.integers(0, 10, n)
+
+    def answers(mirror_changes, shift_changes):
+        mirror, shift = originals.copy(), originals.copy()
+        mirror[:mirror_changes] = (mirror[:mirror_changes] + 1) % 10
+        shift[n - shift_changes :] = (shift[n - shift_changes :] + 1) % 10
+        labels = np.concatenate([originals, mirror, shift, rng.integers(0, 10, 50)])
+        return np.arange(len(labels)), labels
+
+    garments = invariance.analyse(*answers(12, 10), probe=n)  # mirrored: the same garment
+    assert garments["flip"] and garments["pairs"] == n
+    assert (garments["mirror_changed"], garments["shift_changed"]) == (12, 10)
+    digits = invariance.analyse(*answers(60, 10), probe=n)  # a mirrored 3 is no 3
+    assert not digits["flip"] and "less invariant to mirrors" in digits["reason"]
+    # Pairs with a copy missing (skipped, or past the budget) are left out.
+    indices, labels = answers(0, 0)
+    keep = indices < 2 * n + 30
+    partial = invariance.analyse(indices[keep], labels[keep], probe=n)
+    assert partial["pairs"] == 30 and not partial["flip"] and "fewer than" in partial["reason"]
+    none = invariance.analyse(indices, labels, probe=0)
+    assert not none["flip"] and "no invariance probe" in none["reason"]
+    assert invariance.kind_of(3, 0) is None and invariance.kind_of(2 * n, n) == ("shift1", 0)

@@ -1001,3 +1001,40 @@ def test_selection_bad_input(selection, shards, pool, share, fragment):
     with pytest.raises(UserInputError, match=re.escape(fragment)):
         sel.check_selection(selection, shards, 500, pool, share)
     sel.check_selection("random", 1, 500, 400)  # random order has no rounds
+
+
+def test_invariance_probe_sends_mirrors_and_shifts_and_is_part_of_the_identity(server, tmp_path):
+    """The probe's copies reach the target as mirrored and shifted pixels of the first
+    queries, are stored like every answer, and the probe size is part of the dataset's
+    identity (a resume with another size is refused with the flag that resumes it)."""
+    from copycat_tf.attack.steal import fit_probe
+    from copycat_tf.data import invariance
+
+    target = f"grpc://{server.grpc_target}/m"
+    probed = Preparation.of(Recipe(invariance_probe=10))
+    manifest = steal(tmp_path / "p", target, 40, preparation=probed)
+    assert manifest["npd"]["preparation"]["probe"] == 10
+    records = {r["query_index"]: r for r in fd.read_records(str(tmp_path / "p"))}
+    assert sorted(records) == list(range(40))
+    for j in range(10):
+        original = decode_png(records[j]["image_png"])
+        mirror = decode_png(records[10 + j]["image_png"])
+        shift = decode_png(records[20 + j]["image_png"])
+        np.testing.assert_array_equal(mirror, original[:, ::-1])
+        np.testing.assert_array_equal(shift[:, 1:], original[:, :-1])
+        assert records[10 + j]["source_id"].endswith(f"#{invariance.MIRROR}")
+        assert records[20 + j]["source_id"].endswith(f"#{invariance.SHIFT}")
+    # Without the probe, positions 10..29 are other images (30.. are the same).
+    plain = Preparation.of(Recipe(invariance_probe=0))
+    steal(tmp_path / "plain", target, 40, preparation=plain)
+    others = {r["query_index"]: r for r in fd.read_records(str(tmp_path / "plain"))}
+    assert all(others[k]["image_png"] == records[k]["image_png"] for k in (*range(10), 35))
+    assert others[15]["image_png"] != records[15]["image_png"]
+    with pytest.raises(UserInputError, match="--invariance_probe=10"):
+        steal(tmp_path / "p", target, 60, preparation=plain)
+    # A query selection reorders what follows its exploration: the probe shrinks to fit.
+    small = Preparation.of(Recipe(npd_adapt_after=30, invariance_probe=512))
+    assert fit_probe(small, "entropy").probe == 10
+    assert fit_probe(small, "random").probe == 512
+    default = Preparation.of(Recipe(invariance_probe=512))  # 3 x 512 <= 2048
+    assert fit_probe(default, "entropy").probe == 512

@@ -62,6 +62,13 @@ def test_plan_steals_and_trains_nothing_twice():
     # detector part trains nothing: it has no rows (studies.detection).
     assert {row.group for row in plan.rows} == set(PARTS) - {"detector"}
     assert plan.runs["copycat_augment"].recipe.augment == "flip_translate"
+    assert plan.runs["copycat_mixup"].recipe.mixup > 0
+    # The invariance probe: a steal of its own, --augment=auto against none on it.
+    probe = plan.datasets["probe"].recipe
+    assert (probe.invariance_probe, probe.npd_jitter_on) == (512, "picture")
+    assert plan.runs["copycat_probe_auto"].recipe.augment == "auto"
+    assert plan.runs["copycat_probe_none"].recipe.augment == "none"
+    assert plan.runs["copycat_probe_none"].dataset == "probe"
     # Defences: each served defence x label mode its own steal; top1 answers carry no
     # scores; the undefended hard-label row is the reference's first queries.
     assert plan.datasets["def_top1_hard_1k"].defense == "top1"
@@ -435,3 +442,64 @@ def test_study_settings_errors_name_the_flag():
         check_settings(("tables",), (), (), ())
     with pytest.raises(UserInputError, match="--defences"):
         check_settings(("defences",), (), (), ("gaussian:x",))
+
+
+def test_a_dataset_stolen_again_on_disk_is_recorded_as_it_is(tmp_path):
+    """A steal recorded in study.json but replaced on disk by another steal of the same
+    spec (the recorded one was missing there): the record follows what runs train on."""
+    import types
+
+    from copycat_tf.data import fake_dataset as fd
+    from copycat_tf.studies.plan import DatasetSpec, Plan
+    from copycat_tf.studies.runner import _key, _Study
+
+    spec = DatasetSpec("natural", Recipe(query_budget=100))
+    plan = Plan(datasets={"natural": spec})
+    recorded = {"key": _key(spec), "label_histogram": [60, 40], "queries_spent": 100}
+    cfg = types.SimpleNamespace(
+        workdir=str(tmp_path / "work"),
+        results_dir=str(tmp_path / "results"),
+        command="study",
+        parts=("table",),
+        name="tiny",
+    )
+    os.makedirs(cfg.results_dir)
+    out = tmp_path / "work" / "fake_natural"
+    out.mkdir(parents=True)
+    manifest = {
+        "schema_version": fd.READABLE_VERSIONS[-1],
+        "query_budget": 100,
+        "queries_spent": 100,
+        "status": "complete",
+        "skipped": {"count": 0, "examples": []},
+        "label_histogram": [55, 45],
+        "label_statistics": {
+            "answers": 100,
+            "empty_classes": [],
+            "entropy_bits": 0.99,
+            "max_entropy_bits": 1.0,
+            "top_class": 0,
+            "top_share": 0.55,
+        },
+        "steal_seconds": 1.5,
+    }
+    fd.write_manifest(str(out), manifest)
+    study = _Study(cfg, plan, {"datasets": {"natural": dict(recorded)}})
+    study.refresh_datasets()  # what a study does first, whether or not runs need it
+    assert study.study["datasets"]["natural"]["label_histogram"] == [55, 45]
+    study.study["datasets"]["natural"] = dict(recorded)
+    study.dataset("natural")  # outside serving(): nothing may be stolen
+    assert study.study["datasets"]["natural"]["label_histogram"] == [55, 45]
+    assert study.study["datasets"]["natural"]["steal_seconds"] == 1.5
+    # The same steal as recorded: left as it is.
+    study.study["datasets"]["natural"] = dict(recorded, label_histogram=[55, 45])
+    study.dataset("natural")
+    assert "steal_seconds" not in study.study["datasets"]["natural"]
+
+
+def test_the_probes_choice_is_said_under_its_table():
+    run = {"stages": {"npd": {"augment": "flip", "invariance_probe": {"reason": "because"}}}}
+    plain = {"stages": {"npd": {"augment": "none"}}}
+    lines = results._probe_verdicts([("probe row", run), ("other row", plain)])
+    assert lines == ["- probe row: the probe chose `flip`: because.", ""]
+    assert results._probe_verdicts([("other row", plain)]) == []

@@ -15,7 +15,8 @@ from copycat_tf.training import trainer
 
 
 def _fit(domain, workdir, epochs, **overrides):
-    settings = {"batch_size": 16, "learning_rate": 3e-3, "verbose": 0, **overrides}
+    settings = {"batch_size": 16, "learning_rate": 3e-3, "verbose": 0, "augment": "none"}
+    settings.update(overrides)
     config = dataclasses.replace(Recipe().train_config(), epochs=epochs, **settings)
     return trainer.train_classifier(
         lambda: registry.build_model("small_cnn", domain.input_shape, domain.num_classes),
@@ -121,3 +122,41 @@ def test_augmentation_keeps_images_and_labels_aligned(name):
         np.testing.assert_allclose(x.reshape(len(x), -1).mean(axis=1), 20 * y + 10, atol=0.5)
         seen += len(y)
     assert seen == 64
+
+
+def test_mixup_mixes_images_and_targets_alike_and_anew_each_epoch():
+    """Constant images whose value encodes the label: a mixed image's value must be the
+    same mixture of the two values as its target is of the two labels."""
+    import numpy as np
+
+    from copycat_tf.data import batches
+
+    labels = np.arange(64) % 4
+    values = np.array([10.0, 80.0, 160.0, 240.0])
+    images = np.repeat(values[labels].astype(np.uint8), 8 * 8).reshape(64, 8, 8, 1)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    pipeline = batches.training_batches(
+        ds, 16, None, shuffle_buffer=64, seed=1, mixup=0.4, num_classes=4
+    )
+    epochs = []
+    for _ in range(2):
+        mixtures = []
+        for x, y in pipeline:
+            x, y = x.numpy(), y.numpy()
+            assert y.shape == (len(x), 4)
+            np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
+            np.testing.assert_allclose(x.reshape(len(x), -1).mean(axis=1), y @ values, atol=0.5)
+            mixtures.append(y)
+        epochs.append(np.concatenate(mixtures))
+    assert (epochs[0].max(axis=1) < 0.99).mean() > 0.3  # most examples are mixed
+    assert not np.allclose(epochs[0], epochs[1])  # new pairs and weights every epoch
+
+
+def test_mixup_learns_from_integer_labels(domain, tmp_path):
+    result = _fit(domain, str(tmp_path / "run"), epochs=6, mixup=0.4)
+    test = trainer.evaluate_model(
+        result.model,
+        domain.split("test").batch(64).map(lambda x, y: (tf.cast(x, "float32"), y)),
+        domain.num_classes,
+    )
+    assert test["accuracy"] > 0.5  # chance is 0.1

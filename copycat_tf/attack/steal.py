@@ -206,7 +206,7 @@ class _StealRun:
         self.mode = parse_label_mode(cfg.label_mode)
         if cfg.query_budget < 1:
             raise UserInputError(f"--query_budget={cfg.query_budget}; expected at least 1")
-        prep = cfg.preparation or Preparation.of(Recipe())
+        prep = fit_probe(cfg.preparation or Preparation.of(Recipe()), cfg.selection)
         sel.check_selection(
             cfg.selection,
             cfg.num_shards,
@@ -380,6 +380,26 @@ def _exploration(stream: NpdStream, writer: FakeDatasetWriter, num_classes: int,
     for k, (_, _, label) in writer.settled.items():
         exploration.settle(k, label)
     return exploration
+
+
+def fit_probe(prep: Preparation, selection: str) -> Preparation:
+    """The preparation with its invariance probe inside a query selection's exploration:
+    the selection reorders the positions after it, and the probe's copies must stay where
+    query index and position are the same (3N positions; N shrinks to fit)."""
+    if selection == "random" or not prep.probe:
+        return prep
+    fitting = (prep.adapt_after or Recipe.npd_adapt_after) // 3
+    if prep.probe <= fitting:
+        return prep
+    logging.info(
+        "--invariance_probe=%d shrinks to %d: its copies must come before the %d-query "
+        "exploration of --selection=%s",
+        prep.probe,
+        fitting,
+        3 * fitting,
+        selection,
+    )
+    return dataclasses.replace(prep, probe=fitting)
 
 
 def _select(

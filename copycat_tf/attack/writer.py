@@ -60,6 +60,9 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
         elif made.get("jitter_on") and made.get("jitter_on") != wanted.get("jitter_on"):
             on = made["jitter_on"]
             hint = f" (its jitter is on the {on}: resume it with --npd_jitter_on={on})"
+        elif made.get("probe", 0) != wanted.get("probe", 0):
+            probe = made.get("probe", 0)
+            hint = f" (it was made with --invariance_probe={probe}: resume it with that)"
         raise UserInputError(
             f"--output_dir {directory} holds a fake dataset of another run ({detail}); use a "
             "new --output_dir, or the original --target/--npd/--seed/--label_mode and NPD "

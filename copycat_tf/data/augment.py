@@ -8,6 +8,8 @@ never contains them.
 from __future__ import annotations
 
 AUGMENTERS = ("none", "flip", "flip_translate", "geometric", "randaugment")
+# A copycat's augment: decided from its fake dataset (training.copycat, data.invariance).
+AUTO = "auto"
 
 
 def build_augmenter(name: str, input_shape: tuple[int, int, int], seed: int = 0):
@@ -23,6 +25,11 @@ def build_augmenter(name: str, input_shape: tuple[int, int, int], seed: int = 0)
     """
     if name == "none":
         return None
+    if name == AUTO:
+        raise ValueError(
+            f"augment {AUTO!r} is decided by train_copycat from a fake dataset's invariance "
+            f"probe; pass one of {', '.join(AUGMENTERS)} here"
+        )
     import keras
 
     if name == "flip":

@@ -172,6 +172,7 @@ def _upgrade(manifest: dict) -> dict:
     preparation = (manifest.get("npd") or {}).get("preparation") or {}
     if preparation and not preparation.get("legacy"):
         preparation.setdefault("jitter_on", "canvas")  # made before jitter_on existed
+        preparation.setdefault("probe", 0)  # made before the invariance probe existed
     return manifest
 
 
@@ -237,6 +238,7 @@ class FakeData:
       labels, query_indices: every record's stolen label and NPD index (numpy).
       has_scores: whether records carry score vectors.
       target: the target identity recorded by steal.
+      probe: the steal's invariance probe size (data.invariance; 0: none).
     """
 
     directories: list[str]
@@ -248,6 +250,7 @@ class FakeData:
     has_scores: bool
     target: dict
     index_limit: int | None = None
+    probe: int = 0
 
     def first(self, n: int) -> FakeData:
         """The records of the first n queries (by NPD index): a smaller attack's dataset."""
@@ -314,6 +317,12 @@ def index_labels(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(indices), np.concatenate(labels)
 
 
+def _probe_of(manifests: list[dict]) -> int:
+    """The invariance probe size the manifests agree on (0 when they do not, or have none)."""
+    probes = {((m.get("npd") or {}).get("preparation") or {}).get("probe", 0) for m in manifests}
+    return int(probes.pop()) if len(probes) == 1 else 0
+
+
 def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:
     """Opens fake dataset directories, verifying shards against their manifests.
 
@@ -362,6 +371,7 @@ def load_fake_data(directories: list[str], verify: bool = True) -> FakeData:
         query_indices=np.zeros(0, np.int64),
         has_scores=first["label_mode"] != "hard",
         target=first["target"],
+        probe=_probe_of(manifests),
     )
     data.query_indices, data.labels = index_labels(paths)
     if len(data.labels) != total:

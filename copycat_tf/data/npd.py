@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from copycat_tf.data import images
+from copycat_tf.data import images, invariance
 from copycat_tf.data.generators import GENERATORS
 from copycat_tf.data.preparation import LEGACY, Preparation
 from copycat_tf.data.problem_domain import list_images, looks_like_image
@@ -243,8 +243,8 @@ class NpdStream:
       crops_per_image: items per source picture (file or TFDS example) in one pass.
       shard_index, num_shards: this worker takes indices k with k % num_shards == shard_index.
       data_dir: data dir for tfds: and pd: sources.
-      preparation: how folder:/tfds: pictures are prepared (data.preparation); None is
-        the Recipe's default.
+      preparation: how folder:/tfds: pictures are prepared (data.preparation), and its
+        invariance probe; None is the Recipe's default without the probe.
     """
 
     def __init__(
@@ -264,10 +264,10 @@ class NpdStream:
             raise UserInputError(
                 f"--shard_index={shard_index} must be in [0, --num_shards={num_shards})"
             )
-        if preparation is None:
+        if preparation is None:  # the Recipe's, without the attack's invariance probe
             from copycat_tf.recipe import Recipe
 
-            preparation = Preparation.of(Recipe())
+            preparation = dataclasses.replace(Preparation.of(Recipe()), probe=0)
         self.spec = spec
         self.shape = tuple(int(d) for d in shape)
         self.seed = seed
@@ -365,7 +365,12 @@ class NpdStream:
         return self._arm_at(self.position(k))[1]
 
     def _arm_at(self, position: int) -> tuple[int, int | None]:
-        """(mixture part, preparation arm or None) of the item at a stream position."""
+        """(mixture part, preparation arm or None) of the item at a stream position (an
+        invariance-probe copy's are its original's: a mirrored or shifted picture keeps
+        its background and polarity)."""
+        probe = invariance.kind_of(position, self.preparation.probe)
+        if probe is not None:
+            return self._arm_at(probe[1])
         part, _ = self._locate(position)
         if self.preparation.legacy or not isinstance(self.parts[part][1], (_Folder, _Tfds)):
             return part, None
@@ -405,6 +410,14 @@ class NpdStream:
         return result
 
     def _item_at(self, k: int) -> NpdItem | None:
+        probe = invariance.kind_of(k, self.preparation.probe)
+        if probe is not None:  # a mirrored or shifted copy of an earlier position
+            kind, original = probe
+            item = self._item_at(original)
+            if item is None:
+                return None
+            image = None if item.image is None else invariance.transform(item.image, kind)
+            return NpdItem(k, image, f"{item.source_id}#{kind}", item.error)
         part, local = self._locate(k)
         source = self.parts[part][1]
         rng = np.random.default_rng([self.seed, k])

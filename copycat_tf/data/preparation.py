@@ -26,6 +26,9 @@ so it is reproducible and part of the dataset's identity):
                later positions draw arms with weights favouring the informative ones
                (every arm keeps a small share). A choice made from the answers alone,
                whatever the target's domain; it is recorded in the manifest.
+  probe        0, or N: positions N..3N-1 are mirrored and one-pixel-shifted copies of
+               positions 0..N-1, which tell whether the target is mirror-invariant
+               (data.invariance; any NPD source, not only pictures)
 
 `legacy` reproduces the pixels of datasets made before preparation existed (transparency
 over white, crops of 25-100%, the stream ends), so they can be resumed.
@@ -80,6 +83,7 @@ class Preparation:
     adapt_after: int = 0
     legacy: bool = False
     jitter_on: str = "picture"
+    probe: int = 0
 
     @classmethod
     def parse(
@@ -94,6 +98,7 @@ class Preparation:
         adapt_after: int = 0,
         legacy: bool = False,
         jitter_on: str = "picture",
+        probe: int = 0,
     ) -> Preparation:
         """From the flags' values (background "random" allows every kind).
 
@@ -117,6 +122,8 @@ class Preparation:
             )
         if adapt_after < 0:
             raise UserInputError(f"--npd_adapt_after={adapt_after}; expected >= 0 (0: off)")
+        if probe < 0:
+            raise UserInputError(f"--invariance_probe={probe}; expected >= 0 (0: off)")
         return cls(
             backgrounds=kinds,
             invert=_probability(invert, "npd_invert"),
@@ -127,6 +134,7 @@ class Preparation:
             cycle=bool(cycle),
             adapt_after=int(adapt_after),
             jitter_on=jitter_on,
+            probe=int(probe),
         )
 
     @classmethod
@@ -147,6 +155,7 @@ class Preparation:
             adapt_after=recipe.npd_adapt_after,
             legacy=legacy,
             jitter_on=recipe.npd_jitter_on,
+            probe=recipe.invariance_probe,
         )
 
     def to_dict(self) -> dict:

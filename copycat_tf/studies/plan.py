@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from copycat_tf.attack.selection import SELECTIONS
+from copycat_tf.data.augment import AUTO
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.data.preparation import JITTER_ON
 from copycat_tf.recipe import Recipe
@@ -74,7 +75,18 @@ def copycat_variants(base: Recipe) -> tuple:
             "on-the-fly augmentation of the stolen images (`flip_translate`)",
             {"augment": "flip_translate"},
         ),
+        # The recipe's copycat once more: its row beside the reference shows the spread of
+        # two trainings (and, where the reference was measured against an earlier steal,
+        # the recipe on the steal the rows after it trained on).
+        ("again", "the recipe's copycat, trained again", {}),
+        ("flip", "horizontal flips of the stolen images (`--augment=flip`)", {"augment": "flip"}),
+        ("mixup", "mixup of the stolen images (`--mixup=0.2`)", {"mixup": 0.2}),
     )
+
+
+# The copycat part's invariance-probe steal: the probe (data.invariance) with the
+# preparation of the recipe's defaults (the study's reference pins the older canvas jitter).
+PROBE_ROW = {"npd_jitter_on": "picture", "invariance_probe": 512}
 
 
 # Preparation variants against the recipe's: (name, row label, recipe fields).
@@ -364,6 +376,20 @@ def build_plan(s: PlanSettings) -> Plan:
         for name, label, fields in copycat_variants(base):
             recipe = dataclasses.replace(base, **fields)
             run = RunSpec(f"copycat_{name}", natural, recipe, max_records=budget)
+            plan.row("copycat", label, plan.run(run))
+        # The invariance probe on a steal of its own (the preparation of today's defaults):
+        # what --augment=auto chose against the same steal without augmentation.
+        recipe = dataclasses.replace(base, **PROBE_ROW)
+        data = plan.dataset("probe", recipe)
+        knobs = ", ".join(f"`--{f}={v}`" for f, v in PROBE_ROW.items())
+        for augment in (AUTO, "none"):
+            run = RunSpec(
+                f"copycat_probe_{augment}",
+                data,
+                dataclasses.replace(recipe, augment=augment),
+                max_records=budget,
+            )
+            label = f"invariance probe ({knobs}), `--augment={augment}`"
             plan.row("copycat", label, plan.run(run))
     if "balance" in s.parts:
         plan.row("balance", f"balance={base.balance}", reference)

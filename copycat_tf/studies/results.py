@@ -42,6 +42,7 @@ RECIPE_FIELDS = (
     "npd_crop_aspect",
     "npd_cycle",
     "npd_adapt_after",
+    "invariance_probe",
     "label_mode",
     "model",
     "epochs",
@@ -49,6 +50,7 @@ RECIPE_FIELDS = (
     "learning_rate",
     "weight_decay",
     "augment",
+    "mixup",
     "warmup_epochs",
     "patience",
     "balance",
@@ -461,6 +463,7 @@ def render(study: dict, preface: str = "") -> str:
             detector = study.get("detector")
             out += _detector_section(detector) if detector else ["Not measured yet.", ""]
             continue
+        out += _probe_verdicts(members)
         if pending:
             out += [
                 "Not measured yet (the command above resumes here): " + "; ".join(pending) + ".",
@@ -477,6 +480,17 @@ def render(study: dict, preface: str = "") -> str:
     if study.get("datasets"):
         out += ["## Fake datasets", "", _datasets_table(study), ""]
     return "\n".join(out)
+
+
+def _probe_verdicts(members: list[tuple[str, dict]]) -> list[str]:
+    """What `--augment=auto` chose, for the rows whose copycat it trained."""
+    lines = []
+    for label, run in members:
+        probe = run.get("stages", {}).get("npd", {}).get("invariance_probe")
+        if probe:
+            augment = run["stages"]["npd"].get("augment", "?")
+            lines.append(f"- {label}: the probe chose `{augment}`: {probe['reason']}.")
+    return [*lines, ""] if lines else []
 
 
 def write_results(results_dir: str, study: dict) -> None:

@@ -20,6 +20,7 @@ import time
 from absl import logging
 
 from copycat_tf import pipeline
+from copycat_tf.data import fake_dataset as fd
 from copycat_tf.recipe import FINETUNE_FIELDS, TRAINING_FIELDS, Recipe, TargetRecipe
 from copycat_tf.studies import detection, results
 from copycat_tf.studies.plan import (
@@ -140,7 +141,12 @@ def _unused_fields(spec) -> tuple[str, ...]:
 
 # Recipe fields added since a recording, with what a recorded key without the field did
 # (not always the field's default: the jitter's place changed with its knob).
-RECORDED_BEFORE = {"npd_jitter_on": "canvas", "selection_random": 0.0}
+RECORDED_BEFORE = {
+    "npd_jitter_on": "canvas",
+    "selection_random": 0.0,
+    "invariance_probe": 0,
+    "mixup": 0.0,
+}
 
 
 def _as_now(recorded: dict) -> dict:
@@ -270,16 +276,42 @@ class _Study:
     def dataset(self, name: str) -> None:
         """Steals (or resumes) a dataset unless study.json holds it and it is on disk."""
         spec = self.plan.datasets[name]
-        url = self.url_for(spec.defense)
-        recorded = self.study["datasets"].get(name)
-        out = os.path.join(self.cfg.workdir, f"fake_{name}")
-        on_disk = os.path.exists(os.path.join(out, "manifest.json"))
-        if recorded and same_key(recorded["key"], spec) and on_disk:
+        if self._on_record(name):
             return
         logging.info("study: stealing dataset %s (%s)", name, spec.recipe.resolved_npd())
+        out = os.path.join(self.cfg.workdir, f"fake_{name}")
         m = pipeline.steal(
-            spec.recipe, url, out, data_dir=self.cfg.data_dir, num_classes=self.num_classes
+            spec.recipe,
+            self.url_for(spec.defense),
+            out,
+            data_dir=self.cfg.data_dir,
+            num_classes=self.num_classes,
         )
+        self._record(name, m)
+
+    def _on_record(self, name: str) -> bool:
+        """Whether study.json records this spec's dataset and it is on disk. Another steal
+        of the same spec on disk than the recorded one (stolen again where the recorded
+        one was missing, e.g. on another machine) is recorded as it is: runs from now on
+        train on it."""
+        spec = self.plan.datasets[name]
+        recorded = self.study["datasets"].get(name)
+        out = os.path.join(self.cfg.workdir, f"fake_{name}")
+        m = fd.read_manifest(out) if os.path.isdir(out) else None
+        if not (recorded and same_key(recorded["key"], spec) and m is not None):
+            return False
+        if m.get("label_histogram") != recorded.get("label_histogram"):
+            logging.info("study: dataset %s on disk differs from its record; re-recorded", name)
+            self._record(name, m)
+        return True
+
+    def refresh_datasets(self) -> None:
+        """Every recorded dataset of the plan as it is on disk (see _on_record)."""
+        for name in self.plan.datasets:
+            self._on_record(name)
+
+    def _record(self, name: str, m: dict) -> None:
+        spec = self.plan.datasets[name]
         self.study["datasets"][name] = self._measured(
             {
                 "key": _key(spec),
@@ -425,6 +457,7 @@ class _Study:
                         "epochs_done": info["epochs_done"],
                         "heldout_agreement": info["heldout_agreement"],
                         "train_seconds": info["train_seconds"],
+                        **{k: info[k] for k in ("augment", "invariance_probe") if k in info},
                     }
                     for stage, info in stages.items()
                 },
@@ -468,6 +501,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
         cfg.workdir, {"verb": "study", "name": cfg.name, "pd_data": cfg.pd_data}, flags_text
     )
     runner.refresh_keys()
+    runner.refresh_datasets()
     todo = [run for run in plan.runs if not runner.done(run)]
     traffic = []
     if "detector" in cfg.parts:

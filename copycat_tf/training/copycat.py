@@ -18,8 +18,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from copycat_tf.data import augment as augment_lib
 from copycat_tf.data import balance as balance_lib
 from copycat_tf.data import fake_dataset as fd
+from copycat_tf.data import invariance
 from copycat_tf.errors import UserInputError
 from copycat_tf.models import registry
 from copycat_tf.recipe import Recipe, TrainConfig
@@ -113,6 +115,11 @@ def _stage(
     class_names,
 ) -> tuple[trainer.TrainResult, dict]:
     config = dataclasses.replace(config, soft_labels=cfg.soft_labels, cache=False)
+    probed = None
+    if config.augment == augment_lib.AUTO:
+        probed = invariance.analyse(data.query_indices, data.labels, data.probe)
+        config = dataclasses.replace(config, augment="flip" if probed["flip"] else "none")
+        logging.info("%s: --augment=auto -> %s (%s)", name, config.augment, probed["reason"])
     train, heldout, epoch_size, counts, targets, n_held = training_split(
         data, cfg.holdout_percent, cfg.balance, cfg.soft_labels, config.seed, cfg.max_replication
     )
@@ -156,6 +163,8 @@ def _stage(
         "heldout_agreement": best["eval/accuracy"],
         "heldout_macro_f1": best["eval/macro_f1"],
         "train_seconds": trainer.history_seconds(result.history),
+        "augment": config.augment,
+        **({"invariance_probe": probed} if probed is not None else {}),
     }
     return result, info
 
@@ -301,6 +310,9 @@ def format_summary(summary: dict) -> str:
             f"  {name:9s} {info['records']} records, best epoch {info['best_epoch']}: "
             f"held-out agreement with stolen labels {info['heldout_agreement']:.4f}"
         )
+        if "invariance_probe" in info:
+            probe = info["invariance_probe"]
+            lines.append(f"  {'':9s} --augment=auto -> {info['augment']}: {probe['reason']}")
     lines += [
         f"  SavedModel     {summary['export_dir']}",
         f"  metrics        {os.path.join(summary['workdir'], METRICS_FILE)}",

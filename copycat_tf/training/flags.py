@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from copycat_tf.data.augment import AUGMENTERS
+from copycat_tf.data.augment import AUGMENTERS, AUTO
 from copycat_tf.models.registry import MODELS
 from copycat_tf.recipe import Recipe, TargetRecipe
 from copycat_tf.training.runtime import PRECISIONS, STRATEGIES
@@ -45,7 +45,24 @@ def define_training_flags(model_name_default: str, recipe: Recipe | TargetRecipe
         lower_bound=0.0,
     )
     flags.DEFINE_float("weight_decay", recipe.weight_decay, "AdamW weight decay.", lower_bound=0.0)
-    flags.DEFINE_enum("augment", recipe.augment, AUGMENTERS, "Training augmentation.")
+    if isinstance(recipe, Recipe):  # a copycat: its fake dataset's probe can decide
+        flags.DEFINE_enum(
+            "augment",
+            recipe.augment,
+            [AUTO, *AUGMENTERS],
+            f"Training augmentation; {AUTO}: flip when the fake dataset's invariance probe "
+            "(steal --invariance_probe) finds the target mirror-invariant, else none.",
+        )
+    else:
+        flags.DEFINE_enum("augment", recipe.augment, AUGMENTERS, "Training augmentation.")
+    flags.DEFINE_float(
+        "mixup",
+        recipe.mixup,
+        "Mixup of training batches: each image is mixed with another of its batch, and its "
+        "target with the other's in the same proportion, drawn from Beta(alpha, alpha); "
+        "this is alpha (0: off).",
+        lower_bound=0.0,
+    )
     flags.DEFINE_float(
         "warmup_epochs",
         recipe.warmup_epochs,

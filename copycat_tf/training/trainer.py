@@ -235,6 +235,11 @@ def _write_start_summaries(writers, train_ds, class_names, hparams) -> None:
         hp.hparams({k: v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))})
 
 
+def soft_targets(config: TrainConfig) -> bool:
+    """Whether the training batches' targets are score vectors (soft labels or mixup)."""
+    return config.soft_labels or config.mixup > 0
+
+
 def train_classifier(
     build_model: Callable[[], keras.Model],
     train_ds: tf.data.Dataset,
@@ -295,7 +300,7 @@ def train_classifier(
             warmup_target=config.learning_rate if warmup else None,
             warmup_steps=warmup,
         )
-        if config.soft_labels:
+        if soft_targets(config):
             loss = keras.losses.CategoricalCrossentropy(from_logits=True)
             accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
         else:
@@ -324,7 +329,14 @@ def train_classifier(
 
     augmenter = augment.build_augmenter(config.augment, input_shape, seed=config.seed)
     train_batches = batches.training_batches(
-        train_ds, config.batch_size, augmenter, config.shuffle_buffer, config.seed, config.cache
+        train_ds,
+        config.batch_size,
+        augmenter,
+        config.shuffle_buffer,
+        config.seed,
+        config.cache,
+        mixup=config.mixup,
+        num_classes=len(class_names),
     )
     eval_batches = batches.eval_batches(eval_ds, max(config.batch_size, 256))
     keeper = _EpochKeeper(
@@ -373,7 +385,7 @@ def _fit_multi_worker(model, strategy, train_batches, keeper, config, first_epoc
     and `keeper` does the per-epoch bookkeeping on every worker (files on the chief). All
     workers meet after each epoch's checkpoint, so none reads a file not yet written."""
     optimizer = model.optimizer
-    if config.soft_labels:
+    if soft_targets(config):
         loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
     else:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -396,7 +408,7 @@ def _fit_multi_worker(model, strategy, train_batches, keeper, config, first_epoc
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        labels = tf.argmax(y, axis=-1) if config.soft_labels else tf.cast(y, tf.int64)
+        labels = tf.argmax(y, axis=-1) if soft_targets(config) else tf.cast(y, tf.int64)
         hits = tf.equal(tf.argmax(logits, axis=-1), labels)
         return loss, tf.reduce_sum(tf.cast(hits, tf.float32)), tf.cast(tf.shape(x)[0], tf.float32)
 
