@@ -290,9 +290,9 @@ class _Study:
         self._record(name, m)
 
     def _on_record(self, name: str) -> bool:
-        """Whether study.json records this spec's dataset and it is on disk. Another steal
-        of the same spec on disk than the recorded one (stolen again where the recorded
-        one was missing, e.g. on another machine) is recorded as it is: runs from now on
+        """Whether study.json records this spec's dataset and it is on disk. When the steal
+        on disk is not the recorded one (the same spec stolen again where the recorded one
+        was missing, e.g. on another machine), it is recorded as it is: runs from now on
         train on it."""
         spec = self.plan.datasets[name]
         recorded = self.study["datasets"].get(name)
