@@ -87,6 +87,7 @@ def main(argv):
 
 def format_results(result: dict) -> str:
     """The demo's closing table."""
+    from copycat_tf.data import invariance
     from copycat_tf.evaluation.report import format_table
 
     report, times, paths = result["report"], result["timings"], result["paths"]
@@ -99,7 +100,7 @@ def format_results(result: dict) -> str:
         f"(budget {manifest['query_budget']}, {manifest['status']}); stolen labels per class "
         f"{manifest['label_histogram']} (top class {100 * skew['top_share']:.0f}%, entropy "
         f"{skew['entropy_bits']:.2f}/{skew['max_entropy_bits']:.2f} bits)",
-        _augment_line(result["copycat"]),
+        f"copycat trained with {invariance.describe_choice(result['copycat'])}",
         f"time: target {times['target_seconds']:.0f} s, steal {times['steal_seconds']:.0f} s, "
         f"copycat {times['copycat_seconds']:.0f} s, evaluation "
         f"{times['evaluate_seconds']:.0f} s, total {times['total_seconds'] / 60:.1f} min",
@@ -108,14 +109,6 @@ def format_results(result: dict) -> str:
         f"TensorBoard: tensorboard --logdir {paths['tensorboard']}",
     ]
     return "\n".join(lines)
-
-
-def _augment_line(stage: dict) -> str:
-    """How the copycat's training augmentation was chosen."""
-    probe = stage.get("invariance_probe")
-    if probe is None:
-        return f"copycat trained with --augment={stage.get('augment', 'none')}"
-    return f"copycat trained with --augment=auto -> {stage['augment']}: {probe['reason']}"
 
 
 def entry() -> None:

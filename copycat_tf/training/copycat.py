@@ -311,8 +311,7 @@ def format_summary(summary: dict) -> str:
             f"held-out agreement with stolen labels {info['heldout_agreement']:.4f}"
         )
         if "invariance_probe" in info:
-            probe = info["invariance_probe"]
-            lines.append(f"  {'':9s} --augment=auto -> {info['augment']}: {probe['reason']}")
+            lines.append(f"  {'':9s} {invariance.describe_choice(info)}")
     lines += [
         f"  SavedModel     {summary['export_dir']}",
         f"  metrics        {os.path.join(summary['workdir'], METRICS_FILE)}",
