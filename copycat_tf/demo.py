@@ -37,10 +37,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
     "selection",
-    Recipe.selection,
+    None,
     list(SELECTIONS),
-    "Which NPD items steal sends (see steal --helpfull): random order, or rounds chosen by a "
-    "scout copycat (class_balance, entropy, margin, kcenter, entropy_kcenter).",
+    "Which NPD items steal sends (see steal --helpfull): rounds chosen by a scout copycat "
+    f"(the recipe's {Recipe.selection}, with a share of {Recipe.selection_random:g} of each "
+    "round drawn at random; entropy, margin, kcenter, entropy_kcenter), or random order "
+    "(the default with --quick).",
 )
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")
 flags.DEFINE_string("data_dir", None, "Its data directory (Fashion-MNIST IDX files).")

@@ -124,9 +124,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum(
     "selection",
-    RECIPE.selection,
+    None,
     list(SELECTIONS),
-    "Which NPD items to send. random: the stream in order. The others choose in rounds: "
+    f"Which NPD items to send (default: {RECIPE.selection} with --selection_random="
+    f"{RECIPE.selection_random:g}; random with --runner or --num_shards above 1, which split "
+    "the stream). random: the stream in order. The others choose in rounds: "
     "after the --npd_adapt_after exploration (2048 when 0), a scout copycat trained on "
     "every answer so far scores up to --selection_pool unsent candidates and a round of "
     "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
@@ -154,7 +156,8 @@ flags.DEFINE_float(
     RECIPE.selection_random,
     "Share of each selection round's queries drawn at random from its candidate pool, the "
     "rest chosen by --selection: uncertainty and diversity alone under-sample the easy, "
-    "typical items of each class as the budget grows (0: all by the strategy).",
+    "typical items of each class as the budget grows (0: all by the strategy; random order "
+    "has no rounds and ignores the default).",
     lower_bound=0.0,
     upper_bound=1.0,
 )
@@ -269,6 +272,22 @@ def _input_shape():
     return shape
 
 
+def _selection() -> str:
+    """--selection, or its default: the recipe's strategy, random order for a steal split
+    across workers (a selection chooses each round from all the answers before it)."""
+    from copycat_tf.errors import UserInputError
+
+    split = FLAGS.runner or FLAGS.num_shards > 1
+    selection = FLAGS.selection or ("random" if split else RECIPE.selection)
+    if selection == "random" and FLAGS["selection_random"].present and FLAGS.selection_random:
+        raise UserInputError(
+            f"--selection_random={FLAGS.selection_random} shares out a selection's rounds, and "
+            "--selection=random has none (it sends every query in random order already); "
+            "name a strategy with --selection or drop --selection_random"
+        )
+    return selection
+
+
 def main(argv):
     from copycat_tf.attack.steal import StealConfig, format_summary, steal
     from copycat_tf.data.preparation import Preparation
@@ -289,6 +308,7 @@ def main(argv):
             f"unknown flag(s) {' '.join(beam_args)}; see --help (Beam pipeline options are "
             "taken with --runner only)"
         )
+    selection = _selection()
     cfg = StealConfig(
         target=FLAGS.target,
         npd=FLAGS.npd,
@@ -308,7 +328,7 @@ def main(argv):
         num_classes=FLAGS.num_classes,
         npd_data_dir=FLAGS.npd_data_dir,
         skew_check_after=FLAGS.skew_check_after,
-        selection=FLAGS.selection,
+        selection=selection,
         selection_pool=FLAGS.selection_pool,
         selection_round=FLAGS.selection_round,
         selection_reuse=FLAGS.selection_reuse,

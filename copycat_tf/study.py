@@ -15,6 +15,7 @@ import sys
 from absl import flags
 
 from copycat_tf import cli
+from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.augment import AUGMENTERS, AUTO
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
@@ -113,6 +114,19 @@ flags.DEFINE_enum(
     RECIPE.augment,
     [AUTO, *AUGMENTERS],
     "Copycat training augmentation (train_copycat --helpfull).",
+)
+flags.DEFINE_enum(
+    "selection",
+    RECIPE.selection,
+    list(SELECTIONS),
+    "Query selection of the reference attack's steals (steal --helpfull).",
+)
+flags.DEFINE_float(
+    "selection_random",
+    RECIPE.selection_random,
+    "Share of each selection round drawn at random (steal --helpfull).",
+    lower_bound=0.0,
+    upper_bound=1.0,
 )
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", RECIPE.finetune_epochs, "NPD+PD epochs.", lower_bound=1)

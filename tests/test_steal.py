@@ -29,7 +29,10 @@ def server(tiny_export):
 
 
 def steal(output_dir, target, budget=90, **overrides):
-    """steal() with small batches and shards; retry settings may be given flat."""
+    """steal() with small batches and shards; retry settings may be given flat. A steal
+    split across workers is in random order (as steal's --num_shards defaults to)."""
+    if overrides.get("num_shards", 1) > 1:
+        overrides.setdefault("selection", "random")
     names = ("timeout_s", "max_retries", "backoff_base_s")
     retry = {k: overrides.pop(k) for k in names if k in overrides}
     config = StealConfig(
@@ -228,6 +231,8 @@ def test_steal_cli_end_to_end(server, tmp_path):
         (["--npd=synthetic:clouds"], "NPD generator 'clouds' unknown"),
         (["--npd=mix:1*synthetic:noise"], "at least two parts"),
         (["--label_mode=top3"], "--label_mode"),
+        (["--selection=random", "--selection_random=0.5"], "--selection_random=0.5 shares out"),
+        (["--num_shards=2", "--selection=entropy"], "run it with --num_shards=1"),
     ],
 )
 def test_steal_bad_input(server, tmp_path, flags, fragment):
@@ -523,8 +528,10 @@ def test_skewed_labels_and_an_exhausted_stream_are_reported_at_once(tmp_path):
     assert "the NPD stream ended before the budget: 20 of 100 queries spent" in proc.stdout
     warning = m["label_skew_warning"]
     assert "class 0 holds 100%" in warning and "never answered" in warning
-    # The advice names what this steal does not use yet: its preparation is the recipe's.
-    assert warning in proc.stderr and "--selection=class_balance" in warning
+    # The advice names what this steal does not use yet: its preparation and its query
+    # selection are the recipe's (class_balance: a larger pool to choose from).
+    assert warning in proc.stderr and "--selection_pool" in warning
+    assert "--selection=class_balance" not in warning
     assert "--npd=mix:" in warning and "--npd_background" not in warning
     stats = m["label_statistics"]
     assert stats["top_share"] == 1.0 and stats["entropy_bits"] == 0.0
@@ -546,7 +553,7 @@ def test_adaptive_preparation_resumes_with_the_same_choices(tmp_path):
         rgba[..., 3] = np.where(rng.random((24, 24)) < 0.85, 0, 255)
         Image.fromarray(rgba, "RGBA").save(folder / f"{i}.png")
     prep = Preparation.of(Recipe(npd_adapt_after=48, npd_background="black,white,grey"))
-    settings = dict(npd=f"folder:{folder}", preparation=prep, crops_per_image=2)
+    settings = dict(npd=f"folder:{folder}", preparation=prep, crops_per_image=2, selection="random")
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
         target = f"grpc://{s.grpc_target}/m"
         whole = steal(tmp_path / "whole", target, 160, **settings)
@@ -605,6 +612,7 @@ def test_kill_and_resume_with_preparation_adaptation_and_selection(tmp_path, reu
                 "--selection_round=120",
                 "--noprogress",
                 *(["--selection_reuse", "--selection_random=0.25"] if reuse else []),
+                *([] if reuse else ["--selection_random=0"]),
             ]
 
         clean = subprocess.run(command(tmp_path / "clean"), env=env, cwd=REPO, capture_output=True)
@@ -666,10 +674,12 @@ def test_class_balance_selection_flattens_labels_and_resumes_its_choice(tmp_path
     prep = Preparation.of(
         Recipe(npd_adapt_after=64, npd_background="black", npd_invert=0.0, npd_jitter=0.0)
     )
-    settings = dict(npd=f"folder:{folder}", preparation=prep, crops_per_image=4)
+    settings = dict(
+        npd=f"folder:{folder}", preparation=prep, crops_per_image=4, selection_random=0.0
+    )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
         target = f"grpc://{s.grpc_target}/m"
-        plain = steal(tmp_path / "random", target, 256, **settings)
+        plain = steal(tmp_path / "random", target, 256, selection="random", **settings)
         settings["selection_round"] = 64
         chosen = steal(tmp_path / "chosen", target, 256, selection="class_balance", **settings)
         saved = sel.load_selection(str(tmp_path / "chosen"))
@@ -680,8 +690,9 @@ def test_class_balance_selection_flattens_labels_and_resumes_its_choice(tmp_path
         assert not os.path.exists(tmp_path / "resumed" / sel.SELECTION_FILE)  # not yet due
         shutil.copy(tmp_path / "chosen" / sel.SELECTION_FILE, tmp_path / "resumed")
         steal(tmp_path / "resumed", target, 256, selection="class_balance", **settings)
-        with pytest.raises(UserInputError, match="selection"):  # not the same dataset
-            steal(tmp_path / "chosen", target, 200, **settings)
+        # Not the same dataset: refused with the flag that resumes it.
+        with pytest.raises(UserInputError, match="made with --selection=class_balance: resume"):
+            steal(tmp_path / "chosen", target, 200, selection="random", **settings)
     assert layout(tmp_path / "resumed")[1] == layout(tmp_path / "chosen")[1]
     # The scout is seeded: the same run chooses the same queries.
     assert layout(tmp_path / "again")[1] == layout(tmp_path / "chosen")[1]
@@ -864,10 +875,12 @@ def test_adaptive_selection_favours_the_arm_with_rare_answers(tmp_path):
         preparation=prep,
         crops_per_image=4,
         selection_round=64,
+        selection_random=0.0,
     )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
         target = f"grpc://{s.grpc_target}/m"
-        plain = steal(tmp_path / "random", target, 256, **{**settings, "selection_round": 0})
+        ordered = {**settings, "selection_round": 0, "selection": "random"}
+        plain = steal(tmp_path / "random", target, 256, **ordered)
         chosen = steal(tmp_path / "adaptive", target, 256, selection="adaptive", **settings)
         steal(tmp_path / "again", target, 256, selection="adaptive", **settings)
     assert layout(tmp_path / "again")[1] == layout(tmp_path / "adaptive")[1]
@@ -989,7 +1002,6 @@ def test_adaptive_selection_with_a_single_arm_is_a_clear_error(tmp_path):
             0.0,
             "--selection_round=500 cannot be chosen from --selection_pool=400",
         ),
-        ("random", 1, 4000, 0.5, "--selection_random=0.5 shares out a selection's rounds"),
         ("entropy", 1, 4000, 1.5, "--selection_random=1.5; expected a share in [0, 1]"),
     ],
 )
@@ -1001,6 +1013,9 @@ def test_selection_bad_input(selection, shards, pool, share, fragment):
     with pytest.raises(UserInputError, match=re.escape(fragment)):
         sel.check_selection(selection, shards, 500, pool, share)
     sel.check_selection("random", 1, 500, 400)  # random order has no rounds
+    # ... so the recipe's default share (for its strategy) means nothing to it.
+    sel.check_selection("random", 1, 500, 400, 0.5)
+    assert (sel.random_share("random", 0.5), sel.random_share("class_balance", 0.5)) == (0, 0.5)
 
 
 def test_invariance_probe_sends_mirrors_and_shifts_and_is_part_of_the_identity(server, tmp_path):

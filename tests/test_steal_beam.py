@@ -54,6 +54,8 @@ def npd_folder(tmp_path_factory):
 
 
 def config(output_dir, target, npd, budget, **overrides) -> StealConfig:
+    """An in-process steal's config of what the runner steals (random order)."""
+    overrides.setdefault("selection", "random")
     prep = Preparation.of(Recipe(npd_adapt_after=overrides.pop("adapt_after", 24)))
     if "cycle" in overrides:
         prep = dataclasses.replace(prep, cycle=overrides.pop("cycle"))
@@ -277,7 +279,9 @@ def test_beam_steal_errors_are_one_line(server, tmp_path):
         f"steal: error: --output_dir {tmp_path / 'ip'} holds a fake dataset stolen in process; "
         "resume it without --runner, or pass a new --output_dir"
     ]
-    cfg = StealConfig(target, "synthetic:noise", str(tmp_path / "b"), 10, progress=False)
+    cfg = StealConfig(
+        target, "synthetic:noise", str(tmp_path / "b"), 10, progress=False, selection="random"
+    )
     cases = [
         (
             dataclasses.replace(cfg, selection="entropy"),

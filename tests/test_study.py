@@ -11,10 +11,14 @@ from copycat_tf.recipe import Recipe
 from copycat_tf.studies import results
 from copycat_tf.studies.plan import PARTS, PlanSettings, build_plan
 
+# The study's reference attack as experiments/fashion_mnist/study.flags pins it: NPD items
+# in random order (the recipe's default is a query selection).
+ORDERED = Recipe(npd="synthetic:noise", query_budget=1000, selection="random", selection_random=0)
+
 
 def test_plan_steals_and_trains_nothing_twice():
     settings = PlanSettings(
-        recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+        recipe=ORDERED,
         budgets=(500, 1000, 2000),
         variant_budget=500,
         data_free="shapes",
@@ -78,11 +82,45 @@ def test_plan_steals_and_trains_nothing_twice():
     by_run = {row.run: row.group for row in plan.rows}
     assert by_run["prep_white"] == "preparation" and by_run["gen_mix"] == "generators"
     assert by_run["labels_topk3"] == "label_modes"
+    # The recipe as shipped, whatever the reference pins: a steal per budget.
+    shipped = plan.datasets["defaults_1k"].recipe
+    assert shipped == dataclasses.replace(Recipe(), npd="synthetic:noise", query_budget=1000)
+    assert plan.datasets["defaults_500"].recipe.query_budget == 500
+
+
+def test_a_study_of_the_default_recipe_compares_selections_with_a_random_order_steal():
+    """With the recipe's default (a query selection) as the reference, random order gets a
+    steal of its own in the selection part, and the defaults part is the reference."""
+    settings = PlanSettings(
+        recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+        budgets=(1000,),
+        variant_budget=500,
+        data_free="shapes",
+        pd_budget=300,
+        pd_data="fashion_mnist",
+        parts=("selection", "defaults"),
+        selections=("entropy",),
+        selection_budgets=(500,),
+    )
+    plan = build_plan(settings)
+    assert [(row.label, row.run) for row in plan.rows] == [
+        ("random order, 500 queries", "sel_random_500"),
+        ("`--selection=entropy`, 500 queries", "sel_entropy_500"),
+        ("500 queries", "defaults_500"),
+        ("1,000 queries (the reference attack)", "npd_1k"),
+    ]
+    ordered = plan.datasets["sel_random"].recipe
+    assert (ordered.selection, ordered.selection_random, ordered.query_budget) == (
+        "random",
+        0.0,
+        500,
+    )
+    assert plan.runs["sel_random_500"].max_records == 500
 
 
 def test_selection_full_runs_a_strategy_at_the_recipe_budget_too():
     settings = dict(
-        recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+        recipe=ORDERED,
         budgets=(500, 1000),
         variant_budget=500,
         data_free="shapes",
@@ -113,7 +151,7 @@ def test_selection_full_runs_a_strategy_at_the_recipe_budget_too():
 def test_selection_entries_with_a_random_share_plan_their_own_steals():
     plan = build_plan(
         PlanSettings(
-            recipe=Recipe(npd="synthetic:noise", query_budget=1000),
+            recipe=ORDERED,
             budgets=(1000,),
             variant_budget=500,
             data_free="shapes",
@@ -368,10 +406,13 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     from copycat_tf.studies.plan import RunSpec
     from copycat_tf.studies.runner import _key, same_key
 
-    spec = RunSpec("npd_1k", "natural", Recipe(query_budget=1000), max_records=1000)
+    ordered = Recipe(query_budget=1000, selection="random", selection_random=0.0)
+    spec = RunSpec("npd_1k", "natural", ordered, max_records=1000)
     recorded = _key(spec)
-    del recorded["recipe"]["selection"]  # recorded before the knob existed
+    del recorded["recipe"]["selection"]  # recorded before the knob existed: random order
     assert same_key(recorded, spec)
+    # ... which is no longer the default: a recording without it did not select.
+    assert not same_key(recorded, RunSpec("npd_1k", "natural", Recipe(query_budget=1000), 1000))
     chosen = RunSpec("npd_1k", "natural", Recipe(query_budget=1000, selection="entropy"), 1000)
     assert not same_key(recorded, chosen)
     recorded["recipe"]["epochs"] = 3  # a real difference still counts

@@ -142,19 +142,14 @@ def check_selection(
     max_pool: int = 0,
     random_share: float = 0.0,
 ) -> None:
-    """Raises UserInputError for an unknown strategy, one this run cannot use, round
-    sizes that do not fit together (0: not checked), or a random share without rounds."""
+    """Raises UserInputError for an unknown strategy, one this run cannot use, or round
+    sizes that do not fit together (0: not checked). A random share means nothing to
+    random order (see random_share)."""
     if selection not in SELECTIONS:
         raise UserInputError(f"--selection={selection}; expected one of {', '.join(SELECTIONS)}")
     if not 0.0 <= random_share <= 1.0:
         raise UserInputError(f"--selection_random={random_share}; expected a share in [0, 1]")
     if selection == "random":
-        if random_share:
-            raise UserInputError(
-                f"--selection_random={random_share} shares out a selection's rounds, and "
-                "--selection=random has none (it sends every query in random order already); "
-                "name a strategy with --selection or drop --selection_random"
-            )
         return
     if num_shards != 1:
         raise UserInputError(
@@ -167,6 +162,12 @@ def check_selection(
             f"{max_pool} candidates; raise --selection_pool (10 per query is the default "
             "share) or lower --selection_round"
         )
+
+
+def random_share(selection: str, share: float) -> float:
+    """The share of each round drawn at random that a steal uses and records: random order
+    has no rounds to share out (the recipe's default share is for its strategy)."""
+    return 0.0 if selection == "random" else share
 
 
 def pool_size(need: int, max_pool: int) -> int:

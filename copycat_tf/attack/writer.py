@@ -63,6 +63,14 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
         elif made.get("probe", 0) != wanted.get("probe", 0):
             probe = made.get("probe", 0)
             hint = f" (it was made with --invariance_probe={probe}: resume it with that)"
+        elif (manifest.get("selection"), manifest.get("selection_random", 0)) != (
+            identity["selection"],
+            identity.get("selection_random", 0),
+        ):
+            flag = f"--selection={manifest.get('selection')}"
+            if manifest.get("selection_random"):
+                flag += f" --selection_random={manifest['selection_random']:g}"
+            hint = f" (it was made with {flag}: resume it with that)"
         raise UserInputError(
             f"--output_dir {directory} holds a fake dataset of another run ({detail}); use a "
             "new --output_dir, or the original --target/--npd/--seed/--label_mode and NPD "

@@ -33,6 +33,7 @@ PARTS = {
     "balance": "Class balancing",
     "copycat": "Copycat recipes: accuracy against training time",
     "selection": "Query selection: rounds chosen by a scout copycat, against random order",
+    "defaults": "The recipe's defaults: the attack as steal and train_copycat run it unflagged",
     "defences": "Output defences: the copy against each served defence and label mode",
     "detector": "Extraction detector: queries until a client is flagged",
 }
@@ -404,8 +405,18 @@ def build_plan(s: PlanSettings) -> Plan:
             strategies.setdefault(budget, [])
             if name not in strategies[budget]:
                 strategies[budget].append(name)
+        random_run = npd_run
+        if base.selection != "random":  # the reference of every strategy: its own steal
+            recipe = dataclasses.replace(
+                base, selection="random", selection_random=0.0, query_budget=max(strategies)
+            )
+            data = plan.dataset("sel_random", recipe)
+
+            def random_run(n: int) -> str:
+                return plan.run(RunSpec(f"sel_random_{_k(n)}", data, recipe, max_records=n))
+
         for n in sorted(strategies):
-            plan.row("selection", f"random order, {n:,} queries", npd_run(n))
+            plan.row("selection", f"random order, {n:,} queries", random_run(n))
             for entry in strategies[n]:
                 name, share = parse_selection(entry)
                 recipe = dataclasses.replace(
@@ -414,6 +425,18 @@ def build_plan(s: PlanSettings) -> Plan:
                 flag = f"--selection={name}" + (f" --selection_random={share:g}" if share else "")
                 label = f"`{flag}`, {n:,} queries"
                 variant("selection", "sel", f"{selection_name(entry)}_{_k(n)}", label, recipe)
+    if "defaults" in s.parts:
+        # Recipe() as shipped, whatever the study pins for its reference (only the NPD
+        # source, the seed and the runtime precision are the study's): a steal per budget,
+        # since a selection's rounds are sized by its budget.
+        for n in sorted({*s.selection_budgets, budget}):
+            recipe = dataclasses.replace(
+                Recipe(), npd=base.npd, seed=base.seed, precision=base.precision, query_budget=n
+            )
+            if recipe == base:
+                plan.row("defaults", f"{n:,} queries (the reference attack)", reference)
+            else:
+                variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
     if "defences" in s.parts:
         n = s.defence_budget or budget
         for defense in s.defences:

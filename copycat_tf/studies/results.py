@@ -173,7 +173,7 @@ def selection_points(study: dict) -> dict[str, list[tuple[int, float]]]:
     for _, run in _group_rows(study, "selection"):
         recipe = run["key"]["recipe"]
         strategy = recipe.get("selection", "random")
-        if recipe.get("selection_random"):
+        if recipe.get("selection_random") and strategy != "random":
             strategy += f" + {recipe['selection_random']:.0%} random"
         points.setdefault(strategy, []).append((run["queries"], run["ratio_accuracy"]))
     return {s: sorted(p) for s, p in sorted(points.items(), key=lambda kv: kv[0] != "random")}

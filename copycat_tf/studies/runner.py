@@ -143,6 +143,7 @@ def _unused_fields(spec) -> tuple[str, ...]:
 # (not always the field's default: the jitter's place changed with its knob).
 RECORDED_BEFORE = {
     "npd_jitter_on": "canvas",
+    "selection": "random",
     "selection_random": 0.0,
     "invariance_probe": 0,
     "mixup": 0.0,
