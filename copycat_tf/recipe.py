@@ -111,9 +111,10 @@ class Recipe:
         (experiments/fashion_mnist/RESULTS.md, copycat part).
       selection: which NPD items are sent (attack.selection.SELECTIONS). class_balance
         with half of each round drawn at random is the default: against the Fashion-MNIST
-        target it copied 3.5-4.4 points more at 50,000 queries than random order (two steals;
-        experiments/fashion_mnist/RESULTS.md, "The recipe's defaults"), for a longer steal
-        (a scout per round). random: the stream in order (a --runner or --num_shards steal).
+        target it copied more than random order at 50,000 queries
+        (experiments/fashion_mnist/RESULTS.md, "Query selection" and "The recipe's
+        defaults"), for a steal about ten times longer (a scout and a pool per round).
+        random: the stream in order (a --runner or --num_shards steal, the quick demo).
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at
         least npd_adapt_after).

@@ -56,7 +56,7 @@ def plan_traffic(plan, budget: int, pd_data: str, pd_test_size: int) -> list[Tra
     selections = [
         (spec.recipe.query_budget, name)
         for name, spec in plan.datasets.items()
-        if name.startswith("sel_")
+        if name.startswith("sel_") and spec.recipe.selection != "random"
     ]
     if selections:
         queries, name = max(selections)
