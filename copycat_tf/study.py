@@ -10,12 +10,13 @@ sources, class balancing). Writes study.json, RESULTS.md and the plots into
 Re-running resumes; --render_only rewrites RESULTS.md from study.json.
 """
 
+import dataclasses
 import sys
 
 from absl import flags
 
 from copycat_tf import cli
-from copycat_tf.attack.selection import SELECTIONS
+from copycat_tf.attack.selection import SELECTIONS, random_share
 from copycat_tf.data.augment import AUGMENTERS, AUTO
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
@@ -137,6 +138,15 @@ flags.DEFINE_integer(
 FLAGS = flags.FLAGS
 
 
+def _reference_recipe() -> Recipe:
+    """The reference attack of the flags; random order records no random share (the
+    default share is its strategy's), as steal records it."""
+    recipe = cli.recipe_from_flags(FLAGS, RECIPE)
+    return dataclasses.replace(
+        recipe, selection_random=random_share(recipe.selection, recipe.selection_random)
+    )
+
+
 def main(argv):
     del argv
     from copycat_tf.errors import UserInputError
@@ -161,7 +171,7 @@ def main(argv):
             model_base_path=FLAGS.model_base_path,
             pd_data=FLAGS.pd_data,
             data_dir=FLAGS.data_dir,
-            recipe=cli.recipe_from_flags(FLAGS, RECIPE),
+            recipe=_reference_recipe(),
             target_recipe=TargetRecipe(epochs=FLAGS.target_epochs),
             budgets=budgets,
             variant_budget=FLAGS.variant_budget,

@@ -544,3 +544,23 @@ def test_the_probes_choice_is_said_under_its_table():
     lines = results._probe_verdicts([("probe row", run), ("other row", plain)])
     assert lines == ["- probe row: the probe chose `flip`: because.", ""]
     assert results._probe_verdicts([("other row", plain)]) == []
+
+
+def test_a_study_in_random_order_records_no_random_share():
+    """--selection=random with the recipe's default share (its strategy's) is the
+    reference the recorded random-order runs describe: share 0, as steal records it."""
+    from copycat_tf import study
+
+    try:
+        study.FLAGS(["study", "--selection=random"])
+        ordered = study._reference_recipe()
+        study.FLAGS.unparse_flags()
+        study.FLAGS(["study"])
+        shipped = study._reference_recipe()
+    finally:
+        study.FLAGS.unparse_flags()
+    assert (ordered.selection, ordered.selection_random) == ("random", 0.0)
+    assert (shipped.selection, shipped.selection_random) == (
+        Recipe.selection,
+        Recipe.selection_random,
+    )
