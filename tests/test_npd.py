@@ -226,6 +226,34 @@ def test_jitter_on_the_picture_leaves_its_background_exact(tmp_path):
     assert _prep().jitter_on == "picture" and Preparation.of(Recipe()).jitter_on == "picture"
 
 
+def test_a_premultiplied_working_picture_crops_to_the_same_pixels():
+    """Pictures are kept premultiplied (RGBa) so a crop does not premultiply the whole
+    picture again; every crop is the one of the straight RGBA picture, bit for bit (the
+    pixels of datasets stolen before stay what a resumed steal makes)."""
+    import io
+
+    from copycat_tf.data import images
+
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (90, 70, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((90, 70)) < 0.4, 0, rng.integers(1, 256, (90, 70)))
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    kept = images.working_picture(buffer.getvalue(), 56)
+    assert kept.mode == "RGBa" and kept.size == (44, 56)
+    # The working picture as it was kept before: straight RGBA, shrunk the same way.
+    straight = Image.open(io.BytesIO(buffer.getvalue())).convert("RGBA")
+    straight = straight.resize(kept.size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    boxes = [None, (0.0, 0.0, 1.0, 1.0)]
+    for _ in range(20):
+        x0, y0 = rng.uniform(0.0, 0.6, 2)
+        boxes.append((x0, y0, rng.uniform(x0 + 0.05, 1.0), rng.uniform(y0 + 0.05, 1.0)))
+    for box in boxes:
+        crop = images.crop_rgba(kept, 28, 28, box)
+        assert crop.shape == (28, 28, 4) and crop.dtype == np.float32
+        np.testing.assert_array_equal(crop, images.crop_rgba(straight, 28, 28, box))
+
+
 def test_crop_area_and_aspect_knobs():
     rng = np.random.default_rng(0)
     prep = _prep(crop_area="0.02,0.05", crop_aspect="0.5,2")

@@ -96,7 +96,9 @@ def crop_and_resize(
 
 
 def working_picture(data: bytes, max_side: int) -> Image.Image:
-    """A decoded picture as RGBA, shrunk (never enlarged) so its longer side is max_side.
+    """A decoded picture, shrunk (never enlarged) so its longer side is max_side, as
+    premultiplied RGBa: Pillow resizes RGBA by premultiplying the whole picture first, so
+    every crop of a picture kept this way (crop_rgba) skips that work with the same pixels.
 
     Raises:
       ValueError: the bytes are not a readable image.
@@ -107,17 +109,20 @@ def working_picture(data: bytes, max_side: int) -> Image.Image:
     if scale < 1:
         size = (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale)))
         rgba = rgba.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return rgba
+    return rgba.convert("RGBa")
 
 
 def crop_rgba(
     picture: Image.Image, height: int, width: int, box: tuple[float, float, float, float] | None
 ) -> np.ndarray:
-    """The relative box (x0, y0, x1, y1) of an RGBA picture resized to (height, width), as
-    float32 [H, W, 4] in [0, 1]; None is the largest centred crop of the target's aspect.
-    Colours under transparent pixels do not bleed (Pillow resizes RGBA premultiplied)."""
+    """The relative box (x0, y0, x1, y1) of an RGBA or premultiplied RGBa picture resized
+    to (height, width), as straight-alpha RGBA float32 [H, W, 4] in [0, 1]; None is the
+    largest centred crop of the target's aspect. Colours under transparent pixels do not
+    bleed (resized premultiplied: Pillow does it for RGBA, an RGBa picture already is)."""
     pixels = box_pixels(picture.size, height, width, box)
     resized = picture.resize((width, height), Image.Resampling.BILINEAR, box=pixels)
+    if resized.mode == "RGBa":
+        resized = resized.convert("RGBA")
     return np.asarray(resized, np.float32) / 255.0
 
 

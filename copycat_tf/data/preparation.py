@@ -204,7 +204,7 @@ class Preparation:
     def apply(
         self, picture, shape, box, rng: np.random.Generator, weights: np.ndarray | None = None
     ) -> np.ndarray:
-        """uint8 [H, W, C] of an RGBA working picture (data.images.working_picture); the
+        """uint8 [H, W, C] of a working picture (data.images.working_picture); the
         arm is drawn with `weights` (None: base_weights)."""
         height, width, channels = shape
         background, inverted = self.arms[self.draw_arm(rng, weights)]
