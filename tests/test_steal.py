@@ -1016,6 +1016,8 @@ def test_selection_bad_input(selection, shards, pool, share, fragment):
     # ... so the recipe's default share (for its strategy) means nothing to it.
     sel.check_selection("random", 1, 500, 400, 0.5)
     assert (sel.random_share("random", 0.5), sel.random_share("class_balance", 0.5)) == (0, 0.5)
+    ordered = StealConfig("grpc://h:1/m", "synthetic:noise", "out", 10, selection="random")
+    assert ordered.selection_random == 0.0 and StealConfig("t", "n", "o", 10).selection_random
 
 
 def test_invariance_probe_sends_mirrors_and_shifts_and_is_part_of_the_identity(server, tmp_path):

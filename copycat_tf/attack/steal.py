@@ -69,8 +69,8 @@ class StealConfig:
         least the exploration).
       selection_reuse: rounds reuse the round before's candidates and scout
         (attack.selection.select).
-      selection_random: share of each round drawn at random from its pool (ignored by
-        random order: sel.random_share).
+      selection_random: share of each round drawn at random from its pool (0 with random
+        order, whatever is given: sel.random_share).
     """
 
     target: str
@@ -98,6 +98,11 @@ class StealConfig:
     selection_round: int = Recipe.selection_round
     selection_reuse: bool = Recipe.selection_reuse
     selection_random: float = Recipe.selection_random
+
+    def __post_init__(self):
+        # Random order has no rounds to share out (the recipe's default share is for its
+        # strategy): it uses and records none.
+        self.selection_random = sel.random_share(self.selection, self.selection_random)
 
 
 def describe_target(cfg: StealConfig, mode: LabelMode):
@@ -129,7 +134,6 @@ def describe_target(cfg: StealConfig, mode: LabelMode):
 def identity_of(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Preparation) -> dict:
     # The model, not its address: a resumed run may reach the same model on another port
     # or over the other API (the URL used is kept in target_details).
-    share = sel.random_share(cfg.selection, cfg.selection_random)
     return {
         "target": {
             "model": info.details.get("model", cfg.target),
@@ -148,7 +152,7 @@ def identity_of(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prep
         "records_per_shard": cfg.records_per_shard,
         "selection": cfg.selection,  # "random" for manifests written before it existed
         **({"selection_reuse": True} if cfg.selection_reuse else {}),
-        **({"selection_random": share} if share else {}),
+        **({"selection_random": cfg.selection_random} if cfg.selection_random else {}),
     }
 
 
@@ -204,8 +208,6 @@ class _StealRun:
     """The parts of one steal and what happens to a batch on its way out and back."""
 
     def __init__(self, cfg: StealConfig):
-        share = sel.random_share(cfg.selection, cfg.selection_random)
-        cfg = dataclasses.replace(cfg, selection_random=share)
         self.cfg = cfg
         self.mode = parse_label_mode(cfg.label_mode)
         if cfg.query_budget < 1:
