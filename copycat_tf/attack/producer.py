@@ -100,6 +100,8 @@ class Producer:
         self.rounds_begun = 0  # rounds whose queries are being produced
         self._drawn: list[set[int]] = []  # per round, the positions drawn at random
         self.cache = sel.ImageCache() if select is not None else None
+        if select is not None:  # its rounds' pools pass over the same pictures again
+            stream.keep_pictures(sel.PICTURE_BYTES)
         self.reuse = reuse
         self._explored = False
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)

@@ -278,6 +278,11 @@ class NpdStream:
         self._weights = np.array([w for w, _ in self.parts])
         self._counts_before: dict[int, np.ndarray] = {0: np.zeros(len(self.parts), np.int64)}
         self._picture_cache: dict[tuple[int, int], object] = {}
+        # Pictures kept for the stream's life (keep_pictures): a query selection's
+        # candidate pools pass over a folder again and again.
+        self._kept: dict[tuple[int, int], object] = {}
+        self._kept_bytes = 0
+        self._keep_limit = 0
         self._lock = threading.Lock()
         # Arm weights of positions >= preparation.adapt_after (set once the exploration's
         # answers are known; see attack.producer).
@@ -456,17 +461,31 @@ class NpdStream:
             return NpdItem(-1, None, source_id, str(e)[:200])
         return NpdItem(-1, pixels, source_id)
 
+    def keep_pictures(self, limit_bytes: int) -> None:
+        """Keeps decoded working pictures for the stream's life, the first ones decoded up
+        to `limit_bytes` of pixels (then no more are added: a picture not kept is decoded
+        again, which costs time only). For streams whose positions come back to the same
+        pictures (a query selection's candidate pools cycle through a folder); 0: off."""
+        self._keep_limit = int(limit_bytes)
+
     def _picture(self, part: int, source, src_index: int):
-        """The working picture, decoded once for the consecutive crops of one picture."""
+        """The working picture, decoded once for the consecutive crops of one picture (and
+        once for the stream's life when kept, see keep_pictures)."""
         key = (part, src_index)
         with self._lock:
             picture = self._picture_cache.get(key)
+            if picture is None:
+                picture = self._kept.get(key)
         if picture is None:
             picture = images.working_picture(
                 source.encoded(src_index), _WORKING_SCALE * max(self.shape[:2])
             )
+            size = picture.width * picture.height * len(picture.getbands())
             with self._lock:
                 if len(self._picture_cache) >= 16:
                     self._picture_cache.pop(next(iter(self._picture_cache)))
                 self._picture_cache[key] = picture
+                if key not in self._kept and self._kept_bytes + size <= self._keep_limit:
+                    self._kept[key] = picture
+                    self._kept_bytes += size
         return picture
