@@ -1,16 +1,19 @@
-"""The cost of one query-selection round (`steal --selection`): scout, candidates, choice.
+"""The cost of query-selection rounds (`steal --selection`): scout, candidates, choice.
 
   .venv/bin/python -m benchmarks.selection_overhead [--pool=50000] [--exploration=2048]
-      [--strategies=entropy,adaptive] [--npd=...] [--reuse]
+      [--strategies=entropy,adaptive] [--rounds=3] [--npd=...] [--reuse]
 
-For each strategy, two consecutive rounds of `attack.selection.select` on the Recipe's NPD
-stream at 28x28x1 (natural pictures when installed), each choosing a tenth of --pool
-queries from a pool of --pool candidates, as `steal` runs them after an exploration of
---exploration queries (no target: the labels of the answered queries are drawn at
-random, which does not change what a round costs). The first round generates its whole
-pool; the second generates a whole fresh pool too, or, with --reuse (steal
---selection_reuse), takes the first's unchosen candidates over, generates only the rest and
-warm-starts its scout from the first's.
+For each strategy, --rounds consecutive rounds of `attack.selection.select` on the
+Recipe's NPD stream at 28x28x1 (natural pictures when installed), each choosing a tenth of
+--pool queries from a pool of --pool candidates, as `steal` runs them after an exploration
+of --exploration queries (no target: the labels of the answered queries are drawn at
+random, which does not change what a round costs). Items are made as steal's Producer
+makes them for a selection: two threads, decoded pictures kept for the stream's life
+(NpdStream.keep_pictures), so the first round decodes its pictures and later ones whose
+pools come back to the same pictures do not. Every round generates a whole fresh pool
+(its items made while its scout trains); with --reuse (steal --selection_reuse), rounds
+after the first take the round before's unchosen candidates over, generate only the rest
+and warm-start their scout.
 Prints per round: the answers before it, the pool, carried-over and freshly generated
 candidates, the scout's seconds and the round's. The items of answered queries and
 candidates stay in memory between rounds as in `steal` (attack.selection.ImageCache).
@@ -19,11 +22,14 @@ candidates stay in memory between rounds as in `steal` (attack.selection.ImageCa
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import shutil
 import tempfile
 import time
 
 from benchmarks.common import NUM_CLASSES, SHAPE, machine_line
+
+WORKERS = 2  # threads making NPD items, as steal's Producer runs them
 
 
 def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of, reuse):
@@ -54,11 +60,13 @@ def main() -> None:
     parser.add_argument("--strategies", default="entropy,adaptive")
     parser.add_argument("--npd", default="", help="NPD spec (default: the Recipe's)")
     parser.add_argument("--reuse", action="store_true", help="as steal --selection_reuse")
+    parser.add_argument("--rounds", type=int, default=3, help="consecutive rounds")
     args = parser.parse_args()
 
     import numpy as np
 
     from copycat_tf.attack import selection as sel
+    from copycat_tf.attack.producer import in_blocks
     from copycat_tf.data.npd import NpdStream
     from copycat_tf.data.preparation import Preparation
     from copycat_tf.recipe import Recipe
@@ -76,16 +84,21 @@ def main() -> None:
         )
         if stream.adapts:  # as after the exploration: arms at their base weights
             stream.arm_weights = stream.preparation.base_weights()
+        stream.keep_pictures(sel.PICTURE_BYTES)  # as steal's Producer does for a selection
         cache = sel.ImageCache()
+        threads = concurrent.futures.ThreadPoolExecutor(WORKERS)
 
-        def fetch(positions, cache=cache, stream=stream):
-            return cache.get(positions, lambda ps: [stream.item_at_position(p) for p in ps])
+        def fetch(positions, cache=cache, stream=stream, threads=threads):
+            return cache.get(
+                positions,
+                lambda ps: in_blocks(stream.item_at_position, ps, threads, WORKERS),
+            )
 
         fetch(list(range(args.exploration)))  # sent during the exploration: kept by steal
         rng = np.random.default_rng(0)
         directory = tempfile.mkdtemp(prefix="bench-selection-")
         labels = {k: int(rng.integers(NUM_CLASSES)) for k in range(args.exploration)}
-        for index in range(2):
+        for index in range(args.rounds):
             after = args.exploration + index * need
             labels.update(
                 {k: int(rng.integers(NUM_CLASSES)) for k in range(after) if k not in labels}
@@ -107,6 +120,7 @@ def main() -> None:
             rows.append(
                 (strategy, index, after, record["pool"], record["carried"], fresh, scout, seconds)
             )
+        threads.shutdown()
         shutil.rmtree(directory, ignore_errors=True)
     print(
         f"\n{'strategy':<10} {'round':>5} {'answers':>7} {'pool':>7} {'carried':>8} "
@@ -120,7 +134,7 @@ def main() -> None:
     command = "\ncommand: .venv/bin/python -m benchmarks.selection_overhead"
     print(
         f"{command} --pool={args.pool} --exploration={args.exploration} "
-        f"--strategies={args.strategies}{' --reuse' if args.reuse else ''}"
+        f"--strategies={args.strategies} --rounds={args.rounds}{' --reuse' if args.reuse else ''}"
     )
     print(machine_line(f"NPD {recipe.resolved_npd()}, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"))
 

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from copycat_tf.data import images
 from copycat_tf.data.generators import GENERATORS, dead_leaves
 from copycat_tf.data.npd import NpdStream
 from copycat_tf.data.preparation import LEGACY, Preparation
@@ -252,6 +253,47 @@ def test_a_premultiplied_working_picture_crops_to_the_same_pixels():
         crop = images.crop_rgba(kept, 28, 28, box)
         assert crop.shape == (28, 28, 4) and crop.dtype == np.float32
         np.testing.assert_array_equal(crop, images.crop_rgba(straight, 28, 28, box))
+
+
+def test_kept_pictures_are_decoded_once_give_the_same_pixels_and_stay_bounded(
+    tmp_path, monkeypatch
+):
+    """keep_pictures (a query selection's pools cycle through a folder): a kept picture
+    is never decoded again, its items are bit for bit those of a stream keeping none, and
+    no picture is added past the byte limit."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(20):  # more than the 16 pictures any stream holds for its next crops
+        Image.fromarray(rng.integers(0, 256, (12, 18, 4), dtype=np.uint8), "RGBA").save(
+            folder / f"{i:02d}.png"
+        )
+    spec = f"folder:{folder}"
+    prep = Preparation.parse(**{**_knobs(_prep(background="random", invert=0.5)), "cycle": True})
+
+    def stream(limit):
+        s = NpdStream(spec, (16, 16, 1), seed=3, crops_per_image=2, preparation=prep)
+        s.keep_pictures(limit)
+        return s
+
+    decoded = []
+    real = images.working_picture
+    monkeypatch.setattr(images, "working_picture", lambda *a: decoded.append(1) or real(*a))
+    positions = list(range(120)) + list(reversed(range(120)))  # 3 passes, then back
+    plain = [stream(0).item(k).image for k in positions]
+    assert len(decoded) > 3 * 20  # without keeping, pictures are decoded again
+    decoded.clear()
+    kept = stream(1 << 30)
+    for k, image in zip(positions, plain, strict=True):
+        np.testing.assert_array_equal(kept.item(k).image, image)
+    assert len(decoded) == 20 and len(kept._kept) == 20
+    assert kept._kept_bytes == 20 * 12 * 18 * 4
+    decoded.clear()
+    bounded = stream(2 * 12 * 18 * 4 + 100)  # room for 2 pictures: the first 2 decoded
+    for k, image in zip(positions, plain, strict=True):
+        np.testing.assert_array_equal(bounded.item(k).image, image)
+    assert len(bounded._kept) == 2 and bounded._kept_bytes == 2 * 12 * 18 * 4
+    assert len(decoded) > 20  # the others are decoded again (2 kept + 16 recent < 20)
 
 
 def test_crop_area_and_aspect_knobs():

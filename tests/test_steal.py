@@ -953,6 +953,50 @@ def test_selection_pool_carry_over_bandit_and_cache_units():
     assert computed[-1:] == [1]  # dropped: computed again
 
 
+def test_scout_training_runs_its_exact_steps_and_the_pool_is_made_ahead():
+    import threading
+
+    from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd import NpdItem
+
+    # Steps per call into TensorFlow divide the steps: Keras would round a partial call up.
+    assert [sel.steps_per_execution(n) for n in (1500, 1300, 320, 471, 7, 53)] == [
+        50,
+        50,
+        40,
+        3,
+        7,
+        1,
+    ]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    scout = sel._train_scout(images, rng.integers(0, 3, 40), 3, 0, None)
+    assert int(scout.optimizer.iterations.numpy()) == sel.scout_steps(40) == 300
+    # PoolAhead fetches the pool in order, chunk by chunk, until the stream's end...
+    fetched, gate = [], threading.Event()
+
+    def fetch(positions):
+        gate.wait(10)
+        fetched.append(positions)
+        return [None if p >= 5000 else NpdItem(p, None, str(p)) for p in positions]
+
+    ahead = sel.PoolAhead(fetch, list(range(1000, 9000)))
+    ahead.start()
+    gate.set()
+    ahead._thread.join(10)
+    assert [c[0] for c in fetched] == [1000, 1000 + sel.SCORE_CHUNK]  # 2,048 per chunk
+    assert fetched[-1][0] < 5000 <= fetched[-1][-1]  # the chunk where the stream ends is last
+    # ... and wait() stops it after the chunk in hand.
+    fetched.clear()
+    gate.clear()
+    ahead = sel.PoolAhead(fetch, list(range(100_000)))
+    ahead.start()
+    gate.set()
+    ahead.wait()
+    assert 1 <= len(fetched) <= 2 and not ahead._thread.is_alive()
+    sel.PoolAhead(fetch, [1]).wait()  # never started: nothing to wait for
+
+
 def test_selection_without_any_readable_exploration_image_is_a_clear_error(tmp_path):
     from copycat_tf.attack import selection as sel
     from copycat_tf.data.npd import NpdItem

@@ -49,6 +49,17 @@ class NpdBatch:
     end: bool = False
 
 
+def in_blocks(item: Callable[[int], object], indices: list[int], pool, workers: int) -> list:
+    """[item(k) for k in indices], computed by `workers` threads of `pool` in contiguous
+    blocks (consecutive crops of a picture share its decoding)."""
+    if workers == 1 or len(indices) < 2:
+        return [item(k) for k in indices]
+    size = -(-len(indices) // workers)
+    blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    done = pool.map(lambda block: [item(k) for k in block], blocks)
+    return [x for block in done for x in block]
+
+
 class Producer:
     """Runs `NpdStream` on its own thread, `capacity` batches ahead of the sender.
 
@@ -252,12 +263,7 @@ class Producer:
             found = self._fetch(pool, positions)
             return [self.stream.as_query(k, it) for k, it in zip(indices, found, strict=True)]
         item = self.stream.item_at_position if raw else self.stream.item
-        if self.workers == 1 or len(indices) < 2:
-            return [item(k) for k in indices]
-        size = -(-len(indices) // self.workers)
-        blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
-        done = pool.map(lambda block: [item(k) for k in block], blocks)
-        return [x for block in done for x in block]
+        return in_blocks(item, indices, pool, self.workers)
 
     def _produce(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="npd") as pool:

@@ -41,7 +41,13 @@ Memory: the pool's scores (pool x classes floats; x 128 features for kcenter) an
 images of answered queries (and, with reuse, of unchosen candidates), kept between rounds
 in an `ImageCache` of at most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x224x3:
 ~7,000, past which images are computed again from their positions: slower, never
-different).
+different); and the decoded pictures of a folder or TFDS source, kept for the steal's
+life up to PICTURE_BYTES (NpdStream.keep_pictures: the first ones decoded; openclipart
+at 28x28 is ~0.86 GB, all of it), since every round's pool crops the same pictures again.
+
+Time: a round's pool is made on a thread of its own while its scout trains (PoolAhead),
+and the scout trains EXECUTION_STEPS steps per call into TensorFlow, so the two share
+the cores instead of queueing for Python (benchmarks/selection_overhead.py).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ SCOUT_MAX_STEPS = 1500  # the scout's time per round stays bounded as labels acc
 WARM_EPOCHS = 3
 WARM_MAX_STEPS = 500
 SCOUT_BATCH = 64
+EXECUTION_STEPS = 50  # scout training steps per call into TensorFlow, at most
 # Each round's scout weights, kept in the fake dataset (the last round's only) so a resumed
 # run warm-starts the next round from exactly what an uninterrupted run had.
 SCOUT_WEIGHTS = "scout-{round}.weights.h5"
@@ -280,12 +287,22 @@ def _train_scout(
     model = plain_cnn(images.shape[1:], num_classes)
     if warm is not None:
         model.load_weights(warm)
+    steps = scout_steps(len(labels), warm is not None)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=steps_per_execution(steps),
     )
-    _fit(model, images, labels, scout_steps(len(labels), warm is not None))
+    _fit(model, images, labels, steps)
     return model
+
+
+def steps_per_execution(steps: int) -> int:
+    """Training steps per call into TensorFlow: the largest divisor of `steps` up to
+    EXECUTION_STEPS (so exactly `steps` run: Keras rounds a last partial execution up).
+    The same updates, far fewer trips through Python, which the round's pool, made on
+    another thread meanwhile, holds (PoolAhead)."""
+    return max(d for d in range(1, EXECUTION_STEPS + 1) if steps % d == 0)
 
 
 def scout_steps(examples: int, warm: bool = False) -> int:
