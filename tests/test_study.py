@@ -108,7 +108,10 @@ def test_a_study_of_the_default_recipe_compares_selections_with_a_random_order_s
         ("`--selection=entropy`, 500 queries", "sel_entropy_500"),
         ("500 queries", "defaults_500"),
         ("1,000 queries (the reference attack)", "npd_1k"),
+        ("data-free (`synthetic:shapes`), 1,000 queries", "defaults_data_free_1k"),
     ]
+    free = plan.datasets["defaults_data_free_1k"].recipe
+    assert free == dataclasses.replace(Recipe(), npd="synthetic:shapes", query_budget=1000)
     ordered = plan.datasets["sel_random"].recipe
     assert (ordered.selection, ordered.selection_random, ordered.query_budget) == (
         "random",

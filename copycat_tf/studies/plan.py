@@ -437,6 +437,17 @@ def build_plan(s: PlanSettings) -> Plan:
                 plan.row("defaults", f"{n:,} queries (the reference attack)", reference)
             else:
                 variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
+        # The same recipe data-free: the data-free generator for NPD, the whole budget.
+        free = dataclasses.replace(
+            Recipe(),
+            npd=f"synthetic:{s.data_free}",
+            seed=base.seed,
+            precision=base.precision,
+            query_budget=budget,
+        )
+        if free.npd != base.npd:
+            label = f"data-free (`{free.npd}`), {budget:,} queries"
+            variant("defaults", "defaults", f"data_free_{_k(budget)}", label, free)
     if "defences" in s.parts:
         n = s.defence_budget or budget
         for defense in s.defences:
