@@ -113,7 +113,7 @@ class Recipe:
         with half of each round drawn at random is the default: against the Fashion-MNIST
         target it copied more than random order at 50,000 queries
         (experiments/fashion_mnist/RESULTS.md, "Query selection" and "The recipe's
-        defaults"), for a steal about ten times longer (a scout and a pool per round).
+        defaults"), for a steal about seven times longer (a scout and a pool per round).
         random: the stream in order (a --runner or --num_shards steal, the quick demo).
       selection_pool: candidates a query selection scores at most.
       selection_round: queries a selection round chooses (0: an eighth of the budget, at

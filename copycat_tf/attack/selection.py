@@ -541,9 +541,10 @@ def select(
     carried = carried_over(rounds, size, need) if reuse else []
     pool_start = rounds[-1]["pool_end"] if rounds else after
     record: dict = {"after": after}
-    ahead = PoolAhead(fetch, carried + list(range(pool_start, pool_start + size - len(carried))))
-    try:
-        if strategy in SCOUTED:
+    if strategy in SCOUTED:
+        fresh = range(pool_start, pool_start + size - len(carried))
+        ahead = PoolAhead(fetch, carried + list(fresh))
+        try:
             scout, images, trained_on, warm = _scout(
                 selection,
                 queries,
@@ -557,9 +558,8 @@ def select(
                 reuse,
                 ahead.start,
             )
-    finally:
-        ahead.wait()
-    if strategy in SCOUTED:
+        finally:
+            ahead.wait()
         record["scout"] = {
             "model": "plain_cnn",
             "steps": scout_steps(trained_on, warm),
