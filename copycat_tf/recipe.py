@@ -12,6 +12,7 @@ module holds a literal hyper-parameter.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 
@@ -38,6 +39,9 @@ class TrainConfig:
         changes between epochs, e.g. class-balanced resampling).
       mixup: alpha of mixup of training batches (data.batches.training_batches; 0: off);
         the loss is then against score vectors, as with soft labels.
+      min_steps: train for at least this many optimizer steps: when `epochs` epochs of
+        the training set are fewer steps, epochs, patience and warm-up grow in proportion
+        (`stretched`); 0: `epochs` as given.
     """
 
     epochs: int
@@ -54,6 +58,20 @@ class TrainConfig:
     soft_labels: bool = False
     cache: bool = True
     mixup: float = 0.0
+    min_steps: int = 0
+
+    def stretched(self, steps_per_epoch: int) -> TrainConfig:
+        """This config with at least `min_steps` optimizer steps at `steps_per_epoch`."""
+        epochs = max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+        if epochs == self.epochs:
+            return self
+        factor = epochs / self.epochs
+        return dataclasses.replace(
+            self,
+            epochs=epochs,
+            patience=math.ceil(self.patience * factor),
+            warmup_epochs=self.warmup_epochs * factor,
+        )
 
 
 # Natural NPD images on Debian/Ubuntu (package openclipart-png).
@@ -80,6 +98,7 @@ TRAINING_FIELDS = (
     "mixup",
     "warmup_epochs",
     "patience",
+    "min_steps",
     "balance",
     "max_replication",
     "holdout_percent",
@@ -132,6 +151,9 @@ class Recipe:
       mixup: alpha of mixup of the copycat's training batches (0: off).
       warmup_epochs: learning-rate warm-up before the cosine decay.
       patience: epochs without better hold-out agreement before training stops (0: never).
+      min_steps: optimizer steps the copycat trains at least: a small fake dataset gets
+        more epochs (and patience) than `epochs`, so a small budget's copy is not
+        under-trained (TrainConfig.stretched).
       balance: class balancing of the stolen labels (data.balance).
       max_replication: no class is shown more than this many times its own records per
         epoch (0: no cap).
@@ -171,6 +193,7 @@ class Recipe:
     mixup: float = 0.0
     warmup_epochs: float = 0.0
     patience: int = 3
+    min_steps: int = 5_000
     balance: str = "replicate"
     max_replication: float = 0.0
     holdout_percent: int = 5
@@ -187,19 +210,23 @@ class Recipe:
         return _train_config(self, verbose)
 
     def finetune_config(self, verbose: int = 2) -> TrainConfig:
-        """The NPD+PD stage: the same training at a lower learning rate."""
+        """The NPD+PD stage: the same training at a lower learning rate, for its epochs
+        (min_steps is the NPD stage's)."""
         return dataclasses.replace(
             self.train_config(verbose),
             epochs=self.finetune_epochs,
             learning_rate=self.finetune_learning_rate,
+            min_steps=0,
         )
 
     def quick(self) -> Recipe:
         """A first look in under three minutes on 2 CPU cores (the demo's --quick): 20,000
         queries in random order and 5 epochs (5,000 queries and 2 epochs took half the time
         and copied far less: 58.7 % of the target's accuracy against 83.0 %; a selection's
-        rounds would add minutes of scout training)."""
-        return dataclasses.replace(self, query_budget=20_000, epochs=5, selection="random")
+        rounds would add minutes of scout training; min_steps would triple its training)."""
+        return dataclasses.replace(
+            self, query_budget=20_000, epochs=5, selection="random", min_steps=0
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +242,7 @@ class TargetRecipe:
     mixup: float = 0.0
     warmup_epochs: float = 0.0
     patience: int = 0
+    min_steps: int = 0
     precision: str = "auto"
     seed: int = 0
 
@@ -237,4 +265,5 @@ def _train_config(recipe: Recipe | TargetRecipe, verbose: int) -> TrainConfig:
         patience=recipe.patience,
         verbose=verbose,
         mixup=recipe.mixup,
+        min_steps=recipe.min_steps,
     )

@@ -130,6 +130,12 @@ flags.DEFINE_float(
     upper_bound=1.0,
 )
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
+flags.DEFINE_integer(
+    "min_steps",
+    RECIPE.min_steps,
+    "Optimizer steps a copycat trains at least (more epochs for small budgets).",
+    lower_bound=0,
+)
 flags.DEFINE_integer("finetune_epochs", RECIPE.finetune_epochs, "NPD+PD epochs.", lower_bound=1)
 flags.DEFINE_enum("balance", RECIPE.balance, BALANCE_MODES, "Class balancing.")
 flags.DEFINE_integer(

@@ -22,7 +22,7 @@ from copycat_tf.training.target import TrainTargetConfig, run_train_target
 
 
 def _train(epochs, lr=3e-3, batch=64):
-    recipe = Recipe(epochs=epochs, batch_size=batch, learning_rate=lr)
+    recipe = Recipe(epochs=epochs, batch_size=batch, learning_rate=lr, min_steps=0)
     return recipe.train_config(verbose=0)
 
 
@@ -278,6 +278,7 @@ def test_train_copycat_and_evaluate_cli(attack, tmp_path):
         f"--fake_dataset={attack['pd']}",
         f"--workdir={tmp_path / 'c'}",
         "--epochs=1",
+        "--min_steps=0",
         "--batch_size=32",
         "--verbose=0",
         "--balance=resample",

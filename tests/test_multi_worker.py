@@ -130,6 +130,7 @@ def test_two_workers_train_a_copycat(tiny_export, tmp_path):
         f"--model_base_path={tmp_path / 'models'}",
         "--strategy=multi_worker_mirrored",
         "--epochs=2",
+        "--min_steps=0",
         "--batch_size=16",
         "--mixed_precision=float32",
         "--verbose=0",

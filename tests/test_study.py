@@ -328,6 +328,7 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "--budgets=100,200",
         "--pd_budget=60",
         "--epochs=1",
+        "--min_steps=0",
         "--finetune_epochs=1",
         "--target_epochs=2",
         "--parts=table,budget,defences,detector",
@@ -447,6 +448,11 @@ def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
     assert not same_key(old, DatasetSpec("natural", Recipe(query_budget=1000)))
     pinned = DatasetSpec("natural", Recipe(query_budget=1000, npd_jitter_on="canvas"))
     assert same_key(old, pinned)
+    # Copycats trained before --min_steps trained their epochs as given.
+    old = _key(RunSpec("npd_1k", "natural", Recipe(query_budget=1000, min_steps=0), 1000))
+    del old["recipe"]["min_steps"]
+    assert not same_key(old, RunSpec("npd_1k", "natural", Recipe(query_budget=1000), 1000))
+    assert same_key(old, RunSpec("npd_1k", "natural", Recipe(query_budget=1000, min_steps=0), 1000))
 
 
 def test_datasets_table_is_in_name_order_however_the_study_was_filled():

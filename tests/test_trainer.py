@@ -15,7 +15,13 @@ from copycat_tf.training import trainer
 
 
 def _fit(domain, workdir, epochs, **overrides):
-    settings = {"batch_size": 16, "learning_rate": 3e-3, "verbose": 0, "augment": "none"}
+    settings = {
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "verbose": 0,
+        "augment": "none",
+        "min_steps": 0,
+    }
     settings.update(overrides)
     config = dataclasses.replace(Recipe().train_config(), epochs=epochs, **settings)
     return trainer.train_classifier(
@@ -88,6 +94,30 @@ def test_learning_loss_falls_and_beats_chance(domain, tmp_path):
         domain.num_classes,
     )
     assert test["accuracy"] > 0.5  # chance is 0.1
+
+
+def test_min_steps_stretches_epochs_patience_and_warmup():
+    config = dataclasses.replace(
+        Recipe().train_config(), epochs=10, patience=3, warmup_epochs=1.0, min_steps=5000
+    )
+    assert config.stretched(512) == config  # 10 epochs of 512 steps are enough
+    longer = config.stretched(100)  # 10 x 100 steps are not: 50 epochs
+    assert (longer.epochs, longer.patience, longer.warmup_epochs) == (50, 15, 5.0)
+    assert config.stretched(99).epochs == 51  # at least min_steps, never fewer
+    off = dataclasses.replace(config, min_steps=0)
+    assert off.stretched(1) == off
+    # The quick demo and the NPD+PD fine-tuning train their epochs as given.
+    assert Recipe().quick().train_config().min_steps == 0
+    assert Recipe().finetune_config().min_steps == 0 < Recipe().train_config().min_steps
+
+
+def test_min_steps_trains_more_epochs_on_a_small_training_set(domain, tmp_path):
+    steps = -(-domain.sizes["train"] // 16)
+    result = _fit(domain, str(tmp_path / "run"), epochs=1, min_steps=2 * steps + 1)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    # The learning-rate schedule spans the three epochs: at its end only after the last.
+    assert result.history[2]["train/learning_rate"] == pytest.approx(3e-3 * 0.01, rel=1e-3)
+    assert result.history[0]["train/learning_rate"] > 3e-3 * 0.5
 
 
 def test_nan_loss_names_the_step(domain, tmp_path):

@@ -53,6 +53,7 @@ RECIPE_FIELDS = (
     "mixup",
     "warmup_epochs",
     "patience",
+    "min_steps",
     "balance",
     "max_replication",
     "holdout_percent",

@@ -147,6 +147,7 @@ RECORDED_BEFORE = {
     "selection_random": 0.0,
     "invariance_probe": 0,
     "mixup": 0.0,
+    "min_steps": 0,
 }
 
 

@@ -75,6 +75,14 @@ def define_training_flags(model_name_default: str, recipe: Recipe | TargetRecipe
         "Stop after this many epochs without a better eval metric (0: train every epoch).",
         lower_bound=0,
     )
+    flags.DEFINE_integer(
+        "min_steps",
+        recipe.min_steps,
+        "Train for at least this many optimizer steps: when --epochs epochs of the "
+        "training set are fewer, epochs, --patience and --warmup_epochs grow in proportion "
+        "(a small training set is not under-trained); 0: --epochs as given.",
+        lower_bound=0,
+    )
     flags.DEFINE_enum(
         "mixed_precision",
         recipe.precision,
