@@ -120,10 +120,11 @@ def steal(
     progress: bool = False,
     target_options: dict | None = None,
     num_classes: int = 0,
+    max_qps: float = 0.0,
 ) -> dict:
     """Steals labels from `target_url` as the recipe says; returns the manifest.
     `num_classes` is the label space of a target whose answers carry no scores (0: from
-    its metadata)."""
+    its metadata); `max_qps` paces the requests (0: as fast as the target answers)."""
     from copycat_tf.attack.steal import StealConfig
     from copycat_tf.attack.steal import steal as run_steal
     from copycat_tf.data.preparation import Preparation
@@ -149,6 +150,7 @@ def steal(
             target_options=target_options or {},
             progress=progress,
             num_classes=num_classes,
+            max_qps=max_qps,
         )
     )
 

@@ -22,7 +22,13 @@ from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.data.preparation import JITTER_ON
 from copycat_tf.recipe import Recipe, TargetRecipe
-from copycat_tf.studies.plan import DEFENCES, PARTS, SELECTION_BUDGETS, SELECTION_STRATEGIES
+from copycat_tf.studies.plan import (
+    DEFENCES,
+    PARTS,
+    RATE_LIMITS,
+    SELECTION_BUDGETS,
+    SELECTION_STRATEGIES,
+)
 
 RECIPE = Recipe()
 flags.DEFINE_string("name", "fashion_mnist", "The study's name (titles).")
@@ -93,6 +99,12 @@ flags.DEFINE_list(
 flags.DEFINE_integer(
     "defence_budget", 0, "Query budget of the defences part (0: --query_budget).", lower_bound=0
 )
+flags.DEFINE_list(
+    "rate_limits",
+    [f"{q:g}" for q in RATE_LIMITS],
+    "Served rate limits of the defences part (model_server --rate_limit_qps, requests per "
+    "second per client): the same steal timed under each and without one.",
+)
 flags.DEFINE_boolean("render_only", False, "Only rewrite RESULTS.md and plots from study.json.")
 # The reference attack (copycat_tf.recipe.Recipe); every row starts from it.
 flags.DEFINE_string("npd", None, "Natural NPD spec (default: openclipart if installed).")
@@ -131,6 +143,12 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
 flags.DEFINE_integer(
+    "patience",
+    RECIPE.patience,
+    "Copycat epochs without better hold-out agreement before training stops (0: never).",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
     "min_steps",
     RECIPE.min_steps,
     "Optimizer steps a copycat trains at least (more epochs for small budgets).",
@@ -167,7 +185,9 @@ def main(argv):
             f"--budgets={FLAGS.budgets} / --selection_budgets={FLAGS.selection_budgets}: "
             "expected whole numbers"
         ) from e
-    check_settings(FLAGS.parts, FLAGS.selections, FLAGS.selection_full, FLAGS.defences)
+    check_settings(
+        FLAGS.parts, FLAGS.selections, FLAGS.selection_full, FLAGS.defences, FLAGS.rate_limits
+    )
     run_study(
         StudyConfig(
             name=FLAGS.name,
@@ -190,6 +210,7 @@ def main(argv):
             detector_benign_images=FLAGS.detector_benign_images,
             defences=tuple(FLAGS.defences),
             defence_budget=FLAGS.defence_budget,
+            rate_limits=tuple(float(q) for q in FLAGS.rate_limits),
             command=" ".join(["python -m copycat_tf.study", *sys.argv[1:]]),
             render_only=FLAGS.render_only,
         ),

@@ -124,6 +124,26 @@ def test_label_only_target(tiny_export, tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+def test_a_rate_limited_target_costs_time_not_queries(tiny_export, tmp_path):
+    """Against a served rate limit, an attacker pacing at the limit (--max_qps) is never
+    refused; one that is not is refused and retries; both steal the same dataset."""
+    import time
+
+    flags = (f"--model_base_path={tiny_export[0]}", "--model_name=m", "--rate_limit_qps=4")
+    with ServerProcess(*flags) as s:
+        target = f"grpc://{s.grpc_target}/m"
+        start = time.monotonic()
+        paced = steal(tmp_path / "paced", target, 48, query_batch_size=8, max_qps=4.0)
+        elapsed = time.monotonic() - start
+        eager = steal(tmp_path / "eager", target, 48, query_batch_size=8, max_in_flight=4)
+    assert paced["queries_spent"] == eager["queries_spent"] == 48
+    assert paced["requests"] == 6 and paced["transient_errors"] == 0
+    assert elapsed >= 5 / 4  # 6 requests at 4 per second
+    assert eager["transient_errors"] > 0 and eager["status"] == "complete"
+    assert eager["requests"] == 6 + eager["transient_errors"]  # every refusal was retried
+    assert layout(tmp_path / "paced") == layout(tmp_path / "eager")
+
+
 def test_exact_budget_and_extension(server, tmp_path):
     target = f"grpc://{server.grpc_target}/m"
     m = steal(tmp_path / "d", target, budget=37, query_batch_size=16, max_in_flight=3)

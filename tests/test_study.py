@@ -335,6 +335,7 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         "--detector_benign_images=40",
         "--defences=top1,gaussian:0.3",
         "--defence_budget=100",
+        "--rate_limits=4",
         "--name=tiny",
     ]
     proc = run_verb("study", *flags, timeout=900)
@@ -371,6 +372,18 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
     assert set(study["defence_costs"]) == {"top1", "gaussian:0.3"}
     assert study["defence_costs"]["top1"]["agreement"] == 1.0  # top-1 answers stay exact
     assert "The defender's cost" in text and (out / "defences.png").exists()
+    # Rate limits: the same steal timed without one and under each, no copycat trained.
+    assert study["timed"] == [
+        {"label": "no rate limit", "dataset": "rate_none_100"},
+        {"label": "`--rate_limit_qps=4`", "dataset": "rate_4_100"},
+    ]
+    limited = study["datasets"]["rate_4_100"]
+    assert limited["key"]["rate_limit_qps"] == 4 and limited["queries_spent"] == 100
+    assert study["datasets"]["rate_none_100"]["key"]["rate_limit_qps"] == 0
+    assert limited["label_histogram"] == study["datasets"]["rate_none_100"]["label_histogram"]
+    assert "The attacker's cost of a rate limit" in text
+    assert "| `--rate_limit_qps=4` | 100 in 1 request of 256 |" in text
+    assert (tmp_path / "work" / "model_server-rate_4.log").exists()
     # The detector part: every source one client of a detecting server, per signal.
     clients = {c["name"]: c for c in study["detector"]["clients"]}
     assert list(clients) == ["natural", "noise", *(f"benign_{i}" for i in range(10))]
@@ -492,6 +505,9 @@ def test_study_settings_errors_name_the_flag():
         check_settings(("tables",), (), (), ())
     with pytest.raises(UserInputError, match="--defences"):
         check_settings(("defences",), (), (), ("gaussian:x",))
+    for bad in ("0", "-1", "fast", "inf"):
+        with pytest.raises(UserInputError, match=f"--rate_limits: '{bad}' is not a positive"):
+            check_settings(("defences",), (), (), (), (bad,))
 
 
 def test_a_dataset_stolen_again_on_disk_is_recorded_as_it_is(tmp_path):

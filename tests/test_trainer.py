@@ -120,6 +120,13 @@ def test_min_steps_trains_more_epochs_on_a_small_training_set(domain, tmp_path):
     assert result.history[0]["train/learning_rate"] > 3e-3 * 0.5
 
 
+def test_patience_stops_when_hold_out_agreement_stops_improving(domain, tmp_path):
+    # Nothing is learnt at a learning rate of 0: epoch 1 stays the best.
+    result = _fit(domain, str(tmp_path / "run"), epochs=6, learning_rate=0.0, patience=2)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.best_epoch == 1
+    assert len(_fit(domain, str(tmp_path / "all"), epochs=3, learning_rate=0.0).history) == 3
+
+
 def test_nan_loss_names_the_step(domain, tmp_path):
     with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+"):
         _fit(domain, str(tmp_path / "run"), epochs=1, learning_rate=float("nan"))

@@ -15,6 +15,7 @@ steal), so nothing is stolen or trained twice.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from copycat_tf.attack.selection import SELECTIONS
 from copycat_tf.data.augment import AUTO
@@ -51,6 +52,10 @@ DEFENCES = (
     "gaussian:0.3",
 )
 DEFENCE_LABEL_MODES = ("hard", "scores", "topk:3")
+# The defences part's served rate limits (model_server --rate_limit_qps, requests per
+# second per client), each against the same steal unlimited: what a limit costs an attacker
+# in wall time (the copy is the same: the same queries get the same answers).
+RATE_LIMITS = (2.0, 1.0)
 
 
 # The selection part's defaults: strategies (each against random order) and budgets.
@@ -124,11 +129,14 @@ PREPARATION_VARIANTS = (
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """A fake dataset: `recipe`'s NPD spec, budget, crops, label mode and seed, stolen
-    from the target served with the output defence `defense`."""
+    from the target served with the output defence `defense` and the rate limit
+    `rate_limit_qps` (0: none; the attacker then sends at most that many requests per
+    second, as a client of a documented limit does)."""
 
     name: str
     recipe: Recipe
     defense: str = "none"
+    rate_limit_qps: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,18 +167,26 @@ class Plan:
     datasets: dict[str, DatasetSpec] = dataclasses.field(default_factory=dict)
     runs: dict[str, RunSpec] = dataclasses.field(default_factory=dict)
     rows: list[Row] = dataclasses.field(default_factory=list)
+    # (label, dataset) of steals timed for their own sake (the rate limits), no copycat.
+    timed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-    def dataset(self, name: str, recipe: Recipe, defense: str = "none") -> str:
+    def dataset(
+        self, name: str, recipe: Recipe, defense: str = "none", rate_limit_qps: float = 0.0
+    ) -> str:
         """Adds a dataset; the same name again must mean the same steal (the largest
         budget asked for wins, so smaller budgets train on its first queries)."""
         old = self.datasets.get(name)
         if old is not None:
             same = dataclasses.replace(old.recipe, query_budget=recipe.query_budget)
-            if _steal_fields(same) != _steal_fields(recipe) or old.defense != defense:
+            if (
+                _steal_fields(same) != _steal_fields(recipe)
+                or old.defense != defense
+                or old.rate_limit_qps != rate_limit_qps
+            ):
                 raise ValueError(f"dataset {name!r} planned twice with different steals")
             if recipe.query_budget <= old.recipe.query_budget:
                 return name
-        self.datasets[name] = DatasetSpec(name, recipe, defense)
+        self.datasets[name] = DatasetSpec(name, recipe, defense, rate_limit_qps)
         return name
 
     def run(self, spec: RunSpec) -> str:
@@ -217,6 +233,7 @@ class PlanSettings:
         (against the reference steal's random order).
       defences: the served output defences of the defences part.
       defence_budget: its query budget (0: the recipe's).
+      rate_limits: the served rate limits of the defences part (requests per second).
     """
 
     recipe: Recipe
@@ -231,6 +248,7 @@ class PlanSettings:
     selection_full: tuple[str, ...] = ()
     defences: tuple[str, ...] = DEFENCES
     defence_budget: int = 0
+    rate_limits: tuple[float, ...] = RATE_LIMITS
 
 
 def _k(n: int) -> str:
@@ -264,13 +282,13 @@ def selection_name(entry: str) -> str:
     return name if not share else f"{name}_r{round(100 * share):02d}"
 
 
-def check_settings(parts, selections, selection_full, defences) -> None:
-    """The study's flags that name parts, strategies and defences, checked before anything
-    runs.
+def check_settings(parts, selections, selection_full, defences, rate_limits=()) -> None:
+    """The study's flags that name parts, strategies, defences and rate limits, checked
+    before anything runs.
 
     Raises:
-      UserInputError: an unknown part or strategy, or a defence spec the model server
-        would refuse; the message names the flag.
+      UserInputError: an unknown part or strategy, a defence spec the model server would
+        refuse, or a rate limit that is not a positive number; the message names the flag.
     """
     from copycat_tf.errors import UserInputError
     from copycat_tf.server.defenses import parse_defense
@@ -296,6 +314,16 @@ def check_settings(parts, selections, selection_full, defences) -> None:
             parse_defense(spec)
         except ValueError as e:
             raise UserInputError(str(e).replace("--output_defense", "--defences")) from e
+    for qps in rate_limits:
+        try:
+            ok = float(qps) > 0 and math.isfinite(float(qps))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserInputError(
+                f"--rate_limits: {qps!r} is not a positive number of requests per second "
+                "(e.g. --rate_limits=2,1)"
+            )
 
 
 def build_plan(s: PlanSettings) -> Plan:
@@ -304,7 +332,7 @@ def build_plan(s: PlanSettings) -> Plan:
     Raises:
       UserInputError: settings check_settings refuses.
     """
-    check_settings(s.parts, s.selections, s.selection_full, s.defences)
+    check_settings(s.parts, s.selections, s.selection_full, s.defences, s.rate_limits)
     plan = Plan()
     base = s.recipe
     budget = base.query_budget
@@ -462,6 +490,13 @@ def build_plan(s: PlanSettings) -> Plan:
                 name = f"def_{slug(defense)}_{slug(mode)}_{_k(n)}"
                 data = plan.dataset(name, recipe, defense)
                 plan.row("defences", label, plan.run(RunSpec(name, data, recipe)))
+        # Rate limits: the same steal (hard labels) unlimited and under each limit, timed
+        # one after the other.
+        recipe = dataclasses.replace(base, query_budget=n, label_mode="hard")
+        for qps in (0.0, *s.rate_limits):
+            name = f"rate_{slug(f'{qps:g}') if qps else 'none'}_{_k(n)}"
+            label = f"`--rate_limit_qps={qps:g}`" if qps else "no rate limit"
+            plan.timed.append((label, plan.dataset(name, recipe, rate_limit_qps=qps)))
     return plan
 
 

@@ -280,6 +280,47 @@ def _defence_costs(study: dict) -> list[str]:
     ]
 
 
+def _rate_limits(study: dict) -> list[str]:
+    """The attacker's cost of a rate limit: the same steal's wall time under each."""
+    datasets = study.get("datasets", {})
+    timed = [(t["label"], datasets.get(t["dataset"], {})) for t in study.get("timed", [])]
+    measured = [(label, d) for label, d in timed if d.get("steal_seconds") is not None]
+    if not timed:
+        return []
+    if not measured:
+        return ["The rate limits' steals: not measured yet.", ""]
+    free = next((d["steal_seconds"] for _, d in measured if not d["key"]["rate_limit_qps"]), 0)
+    rows = []
+    for label, d in measured:
+        key = d["key"]
+        batch = key["recipe"]["query_batch_size"]
+        requests = -(-d["queries_spent"] // batch)
+        qps = key["rate_limit_qps"]
+        rows.append(
+            [
+                label,
+                f"{d['queries_spent']:,} in {requests:,} request{'s' * (requests != 1)} of {batch}",
+                f"{requests / qps:,.0f} s" if qps else "-",
+                _seconds(d["steal_seconds"]),
+                f"{d['steal_seconds'] / free:.1f}x" if free else "-",
+            ]
+        )
+    pending = [label for label, d in timed if d.get("steal_seconds") is None]
+    return [
+        "The attacker's cost of a rate limit: the same steal (hard labels) against the target "
+        "served with `--rate_limit_qps` (requests per second per client), the attacker "
+        "pacing its requests at the limit (`steal --max_qps`); stolen one after the other. "
+        "The copy is the same as without the limit (the same queries get the same answers): "
+        "a limit buys time, not accuracy.",
+        "",
+        markdown_table(
+            ["served", "queries", "requests / limit", "steal time", "vs no limit"], rows
+        ),
+        "",
+        *(["Not measured yet: " + "; ".join(pending) + ".", ""] if pending else []),
+    ]
+
+
 def defence_points(study: dict) -> dict[str, dict[str, float]]:
     """{label mode: {defence: accuracy ratio}} of the defences part (from the keys of each
     row's run and of the dataset it was stolen into)."""
@@ -475,7 +516,7 @@ def render(study: dict, preface: str = "") -> str:
         if group == "selection" and len(members) > 1:
             out += [f"![query selection against random order]({SELECTION_PLOT})", ""]
         if group == "defences":
-            out += _defence_costs(study)
+            out += _defence_costs(study) + _rate_limits(study)
             if len(members) > 1:
                 out += [f"![copy ratio per defence and label mode]({DEFENCE_PLOT})", ""]
     if study.get("datasets"):

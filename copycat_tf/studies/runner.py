@@ -26,6 +26,7 @@ from copycat_tf.studies import detection, results
 from copycat_tf.studies.plan import (
     DEFENCES,
     PARTS,
+    RATE_LIMITS,
     SELECTION_BUDGETS,
     SELECTION_STRATEGIES,
     DatasetSpec,
@@ -64,6 +65,7 @@ class StudyConfig:
       detector_benign_images: problem-domain test images the detector part's benign
         clients share.
       defences, defence_budget: the defences part's served output defences and budget.
+      rate_limits: the defences part's served rate limits (requests per second).
       command: the exact command line, recorded in RESULTS.md.
       render_only: only regenerate RESULTS.md and the plots from study.json.
     """
@@ -88,6 +90,7 @@ class StudyConfig:
     detector_benign_images: int = 10_000
     defences: tuple[str, ...] = DEFENCES
     defence_budget: int = 0
+    rate_limits: tuple[float, ...] = RATE_LIMITS
     command: str = ""
     render_only: bool = False
 
@@ -216,23 +219,27 @@ class _Study:
             finally:
                 self._serving = None
 
-    def url_for(self, defense: str) -> str:
-        """The gRPC URL of the target served with `defense` ("none": as it is)."""
+    def url_for(self, defense: str, rate_limit_qps: float = 0.0) -> str:
+        """The gRPC URL of the target served with `defense` ("none": as it is) and the
+        rate limit `rate_limit_qps` (0: none)."""
         if self._serving is None:
             raise RuntimeError("url_for outside serving()")
         stack, base, name, urls = self._serving
-        if defense not in urls:
-            log = "model_server.log" if defense == "none" else f"model_server-{slug(defense)}.log"
+        if (defense, rate_limit_qps) not in urls:
+            tags = [slug(defense)] if defense != "none" else []
+            tags += [f"rate_{slug(f'{rate_limit_qps:g}')}"] if rate_limit_qps else []
+            log = "-".join(["model_server", *tags]) + ".log"
+            flags = [f"--output_defense={defense}"]
+            flags += [f"--rate_limit_qps={rate_limit_qps:g}"] if rate_limit_qps else []
             served = stack.enter_context(
-                pipeline.served(
-                    base, name, os.path.join(self.cfg.workdir, log), f"--output_defense={defense}"
-                )
+                pipeline.served(base, name, os.path.join(self.cfg.workdir, log), *flags)
             )
-            urls[defense] = served.grpc_url
-        return urls[defense]
+            urls[defense, rate_limit_qps] = served.grpc_url
+        return urls[defense, rate_limit_qps]
 
     def save(self) -> None:
         self.study["rows"] = [dataclasses.asdict(r) for r in self.plan.rows]
+        self.study["timed"] = [{"label": label, "dataset": d} for label, d in self.plan.timed]
         self.study["parts"] = list(self.cfg.parts)
         atomic_write_json(os.path.join(self.cfg.results_dir, STUDY_JSON), self.study)
         results.write_results(self.cfg.results_dir, self.study)
@@ -278,20 +285,21 @@ class _Study:
     def dataset(self, name: str) -> None:
         """Steals (or resumes) a dataset unless study.json holds it and it is on disk."""
         spec = self.plan.datasets[name]
-        if self._on_record(name):
+        if self.on_record(name):
             return
         logging.info("study: stealing dataset %s (%s)", name, spec.recipe.resolved_npd())
         out = os.path.join(self.cfg.workdir, f"fake_{name}")
         m = pipeline.steal(
             spec.recipe,
-            self.url_for(spec.defense),
+            self.url_for(spec.defense, spec.rate_limit_qps),
             out,
             data_dir=self.cfg.data_dir,
             num_classes=self.num_classes,
+            max_qps=spec.rate_limit_qps,
         )
         self._record(name, m)
 
-    def _on_record(self, name: str) -> bool:
+    def on_record(self, name: str) -> bool:
         """Whether study.json records this spec's dataset and it is on disk. When the steal
         on disk is not the recorded one (the same spec stolen again where the recorded one
         was missing, e.g. on another machine), it is recorded as it is: runs from now on
@@ -310,7 +318,7 @@ class _Study:
     def refresh_datasets(self) -> None:
         """Every recorded dataset of the plan as it is on disk (see _on_record)."""
         for name in self.plan.datasets:
-            self._on_record(name)
+            self.on_record(name)
 
     def _record(self, name: str, m: dict) -> None:
         spec = self.plan.datasets[name]
@@ -490,6 +498,7 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
             selection_full=tuple(cfg.selection_full),
             defences=tuple(cfg.defences),
             defence_budget=cfg.defence_budget,
+            rate_limits=tuple(cfg.rate_limits),
         )
     )
     os.makedirs(cfg.results_dir, exist_ok=True)
@@ -514,7 +523,8 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     costs_due = "defences" in cfg.parts and any(
         d not in study.get("defence_costs", {}) for d in cfg.defences
     )
-    if not todo and not detector_due and not costs_due and study.get("target"):
+    timed_due = [d for _, d in plan.timed if not runner.on_record(d)]
+    if not todo and not detector_due and not costs_due and not timed_due and study.get("target"):
         runner.save()  # everything measured: RESULTS.md from study.json alone
         return study
     target = pipeline.ensure_target(
@@ -533,6 +543,11 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
         if "defences" in cfg.parts:
             for defense in cfg.defences:
                 runner.defence_cost(defense, target["export_dir"])
+        if timed_due:  # one after the other: their times compare
+            for dataset in timed_due:
+                shutil.rmtree(os.path.join(cfg.workdir, f"fake_{dataset}"), ignore_errors=True)
+            for dataset in timed_due:
+                runner.dataset(dataset)
         if detector_due:
             for dataset in sorted({t.dataset for t in traffic if t.dataset}):
                 runner.dataset(dataset)
