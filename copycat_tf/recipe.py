@@ -151,9 +151,10 @@ class Recipe:
       mixup: alpha of mixup of the copycat's training batches (0: off).
       warmup_epochs: learning-rate warm-up before the cosine decay.
       patience: epochs without better hold-out agreement before training stops (0: never,
-        the default: the learning rate decays over all the epochs, and a stop while it is
-        still high cost the copy up to 4 points at 50,000 queries: the study's defaults
-        rows; the best epoch by hold-out agreement is kept either way).
+        the default: the learning rate decays over all the epochs, and a stop while it was
+        still high, at epoch 6 of 10, copied 88.6 % of the target's accuracy where the 10
+        epochs copied 91.6 %, same steal of 50,000 queries, experiments/fashion_mnist; the
+        best epoch by hold-out agreement is kept either way).
       min_steps: optimizer steps the copycat trains at least: a small fake dataset gets
         more epochs (and patience) than `epochs`, so a small budget's copy is not
         under-trained (TrainConfig.stretched).
