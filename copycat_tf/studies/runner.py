@@ -538,16 +538,16 @@ def run_study(cfg: StudyConfig, flags_text: str = "") -> dict:
     runner.num_classes = len(target["class_names"])
     base, name = os.path.split(os.path.dirname(target["export_dir"]))
     with runner.serving(base, name):
-        for run in todo:
-            runner.run(run, target["class_names"])
-        if "defences" in cfg.parts:
-            for defense in cfg.defences:
-                runner.defence_cost(defense, target["export_dir"])
-        if timed_due:  # one after the other: their times compare
+        if timed_due:  # minutes, first; one after the other, so their times compare
             for dataset in timed_due:
                 shutil.rmtree(os.path.join(cfg.workdir, f"fake_{dataset}"), ignore_errors=True)
             for dataset in timed_due:
                 runner.dataset(dataset)
+        if "defences" in cfg.parts:
+            for defense in cfg.defences:
+                runner.defence_cost(defense, target["export_dir"])
+        for run in todo:
+            runner.run(run, target["class_names"])
         if detector_due:
             for dataset in sorted({t.dataset for t in traffic if t.dataset}):
                 runner.dataset(dataset)
