@@ -142,6 +142,12 @@ def test_a_rate_limited_target_costs_time_not_queries(tiny_export, tmp_path):
     assert eager["transient_errors"] > 0 and eager["status"] == "complete"
     assert eager["requests"] == 6 + eager["transient_errors"]  # every refusal was retried
     assert layout(tmp_path / "paced") == layout(tmp_path / "eager")
+    # A limit of one request a second: the metadata request right after another client
+    # request of the same address is refused at first, then asked again, not given up.
+    flags = (f"--model_base_path={tiny_export[0]}", "--model_name=m", "--rate_limit_qps=1")
+    with ServerProcess(*flags) as s:
+        m = steal(tmp_path / "slow", f"grpc://{s.grpc_target}/m", 16, max_qps=1.0)
+        assert m["status"] == "complete" and m["queries_spent"] == 16
 
 
 def test_exact_budget_and_extension(server, tmp_path):

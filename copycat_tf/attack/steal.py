@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 
 from absl import logging
 
@@ -31,6 +32,7 @@ from copycat_tf.recipe import Recipe
 from copycat_tf.targets.base import (
     PermanentError,
     Prediction,
+    RateLimited,
     TargetError,
     TargetInfo,
     TransientError,
@@ -105,11 +107,29 @@ class StealConfig:
         self.selection_random = sel.random_share(self.selection, self.selection_random)
 
 
+def _describe(client, retry: RetryPolicy):
+    """The target's metadata; a rate-limited target (up, but refusing for now) is asked
+    again after a growing wait, as predictions are; an unreachable one fails at once."""
+    for attempt in range(retry.max_retries + 1):
+        try:
+            return client.describe()
+        except RateLimited:
+            if attempt == retry.max_retries:
+                raise
+            time.sleep(min(retry.backoff_max_s, retry.backoff_base_s * 2**attempt))
+    raise AssertionError("unreachable")
+
+
 def describe_target(cfg: StealConfig, mode: LabelMode):
     """(client, TargetInfo, num_classes) with one-line errors for unusable targets."""
     client = open_target(cfg.target, **cfg.target_options)
     try:
-        info = client.describe()
+        info = _describe(client, cfg.retry)
+    except RateLimited as e:
+        raise UserInputError(
+            f"target {cfg.target} still refuses the metadata request for its rate limit after "
+            f"{cfg.retry.max_retries} retries ({e}); wait and run again, or raise --max_retries"
+        ) from e
     except TransientError as e:
         raise UserInputError(
             f"target {cfg.target} is unreachable or unavailable ({e}); start the model server "

@@ -22,6 +22,11 @@ class TransientError(TargetError):
     """Unavailable, overloaded, rate limited, timed out, connection reset: retry later."""
 
 
+class RateLimited(TransientError):
+    """The target is up but refuses for now (a rate limit or quota: gRPC RESOURCE_EXHAUSTED,
+    HTTP 429): wait and ask again."""
+
+
 class PermanentError(TargetError):
     """The target refuses this query for good (bad request, unknown model, wrong outputs)."""
 

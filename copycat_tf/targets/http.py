@@ -6,7 +6,7 @@ import threading
 
 import requests
 
-from copycat_tf.targets.base import PermanentError, TransientError
+from copycat_tf.targets.base import PermanentError, RateLimited, TransientError
 
 # Worth retrying: timeouts, rate limits, overloaded or restarting servers.
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -19,6 +19,8 @@ def http_error(response: requests.Response, where: str) -> Exception:
     except (ValueError, AttributeError):
         detail = response.text
     message = f"{where}: HTTP {response.status_code}: {str(detail)[:300]}"
+    if response.status_code == 429:
+        return RateLimited(message)
     if response.status_code in TRANSIENT_HTTP:
         return TransientError(message)
     return PermanentError(message)

@@ -19,6 +19,7 @@ from copycat_tf.targets.answers import decode_tensor_proto, prediction_from_outp
 from copycat_tf.targets.base import (
     PermanentError,
     Prediction,
+    RateLimited,
     Target,
     TargetInfo,
     TransientError,
@@ -39,6 +40,8 @@ def classify_rpc_error(e: grpc.RpcError, where: str) -> Exception:
     code, details = e.code(), e.details()
     message = f"{where}: {code.name}: {details}"
     if code in _TRANSIENT and "larger than max" not in (details or ""):
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return RateLimited(message)
         return TransientError(message)
     return PermanentError(message)
 
