@@ -309,7 +309,7 @@ def _rate_limits(study: dict) -> list[str]:
     return [
         "The attacker's cost of a rate limit: the same steal (hard labels) against the target "
         "served with `--rate_limit_qps` (requests per second per client), the attacker "
-        "pacing its requests at the limit (`steal --max_qps`); stolen one after the other. "
+        "pacing its requests at the limit (`steal --max_qps`), each steal alone on the machine. "
         "The copy is the same as without the limit (the same queries get the same answers): "
         "a limit buys time, not accuracy.",
         "",
