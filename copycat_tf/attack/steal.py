@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 
 from absl import logging
 
@@ -38,7 +37,7 @@ from copycat_tf.targets.base import (
     TransientError,
 )
 from copycat_tf.targets.registry import open_target
-from copycat_tf.targets.retry import RetryPolicy
+from copycat_tf.targets.retry import RetryPolicy, describe_with_retries
 
 
 @dataclasses.dataclass
@@ -107,24 +106,11 @@ class StealConfig:
         self.selection_random = sel.random_share(self.selection, self.selection_random)
 
 
-def _describe(client, retry: RetryPolicy):
-    """The target's metadata; a rate-limited target (up, but refusing for now) is asked
-    again after a growing wait, as predictions are; an unreachable one fails at once."""
-    for attempt in range(retry.max_retries + 1):
-        try:
-            return client.describe()
-        except RateLimited:
-            if attempt == retry.max_retries:
-                raise
-            time.sleep(min(retry.backoff_max_s, retry.backoff_base_s * 2**attempt))
-    raise AssertionError("unreachable")
-
-
 def describe_target(cfg: StealConfig, mode: LabelMode):
     """(client, TargetInfo, num_classes) with one-line errors for unusable targets."""
     client = open_target(cfg.target, **cfg.target_options)
     try:
-        info = _describe(client, cfg.retry)
+        info = describe_with_retries(client, cfg.retry)
     except RateLimited as e:
         raise UserInputError(
             f"target {cfg.target} still refuses the metadata request for its rate limit after "

@@ -10,7 +10,14 @@ from collections.abc import Callable
 import numpy as np
 
 from copycat_tf.targets.answers import check_prediction
-from copycat_tf.targets.base import PermanentError, Prediction, Target, TransientError
+from copycat_tf.targets.base import (
+    PermanentError,
+    Prediction,
+    RateLimited,
+    Target,
+    TargetInfo,
+    TransientError,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +29,29 @@ class RetryPolicy:
     max_retries: int = 8
     backoff_base_s: float = 0.25
     backoff_max_s: float = 30.0
+
+    def backoff_s(self, attempt: int) -> float:
+        """The longest wait after failed attempt `attempt` (0-based)."""
+        return min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
+
+
+def describe_with_retries(client: Target, retry: RetryPolicy | None = None) -> TargetInfo:
+    """The target's metadata; a rate-limited target (up, but refusing for now) is asked
+    again after the policy's growing waits, as predictions are; any other failure (an
+    unreachable target) is raised at once.
+
+    Raises:
+      RateLimited: still refused after max_retries; TransientError, PermanentError.
+    """
+    r = retry or RetryPolicy()
+    for attempt in range(r.max_retries + 1):
+        try:
+            return client.describe()
+        except RateLimited:
+            if attempt == r.max_retries:
+                raise
+            time.sleep(r.backoff_s(attempt))
+    raise AssertionError("unreachable")
 
 
 def predict_with_retries(
@@ -64,5 +94,5 @@ def predict_with_retries(
                 on_transient(e)
             if attempt == r.max_retries:
                 raise PermanentError(f"{e} (still failing after {r.max_retries} retries)") from e
-            time.sleep(random.uniform(0, min(r.backoff_max_s, r.backoff_base_s * 2**attempt)))
+            time.sleep(random.uniform(0, r.backoff_s(attempt)))
     raise AssertionError("unreachable")

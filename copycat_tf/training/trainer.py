@@ -290,8 +290,9 @@ def train_classifier(
 
     keras.utils.set_random_seed(config.seed)
     steps_per_epoch = max(1, math.ceil(num_train / config.batch_size))
-    if config.min_steps and config.stretched(steps_per_epoch) != config:
-        config = config.stretched(steps_per_epoch)
+    stretched = config.stretched(steps_per_epoch)
+    if stretched is not config:
+        config = stretched
         logging.info(
             "%d steps per epoch: %d epochs (patience %d) for at least %d steps (--min_steps)",
             steps_per_epoch,
