@@ -41,7 +41,16 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def init_workdir(workdir: str, identity: dict, flags_text: str = "") -> None:
+def _resolved(value):
+    """A recorded path (or list of paths) with symbolic links resolved, for comparison."""
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    return os.path.realpath(value) if isinstance(value, str) else value
+
+
+def init_workdir(
+    workdir: str, identity: dict, flags_text: str = "", path_keys: tuple[str, ...] = ()
+) -> None:
     """Creates `workdir` and records the run's identity before anything else is written.
 
     Args:
@@ -49,6 +58,9 @@ def init_workdir(workdir: str, identity: dict, flags_text: str = "") -> None:
       identity: settings that define the run (data, model, ...). Re-running in a workdir
         whose recorded identity differs is refused, so checkpoints never mix runs.
       flags_text: the resolved command-line flags (written to flags.txt).
+      path_keys: identity keys holding a path or a list of paths; they are compared with
+        symbolic links resolved, so a run reached through another link to the same
+        directory (a symlinked runs/ folder, a moved checkout) still resumes.
 
     Raises:
       UserInputError: the workdir is not writable or belongs to a different run.
@@ -63,7 +75,13 @@ def init_workdir(workdir: str, identity: dict, flags_text: str = "") -> None:
     if os.path.exists(config_path):
         with open(config_path) as f:
             recorded = json.load(f)
-        changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+
+        def same(key):
+            if key in path_keys:
+                return _resolved(recorded.get(key)) == _resolved(identity[key])
+            return recorded.get(key) == identity[key]
+
+        changed = sorted(k for k in identity if not same(k))
         if changed:
             detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {identity[k]!r}" for k in changed)
             raise UserInputError(

@@ -357,3 +357,26 @@ def test_augment_auto_is_decided_by_the_fake_datasets_invariance_probe(attack, t
     assert "no invariance probe" in plain["invariance_probe"]["reason"]
     kept = train(probed, "kept", _train(1))["stages"]["npd"]
     assert kept["augment"] == Recipe.augment and "invariance_probe" not in kept
+
+
+def test_workdir_resumes_through_another_link_to_the_same_fake_dataset(attack, tmp_path):
+    """The recorded fake dataset is compared as a directory, not as the spelling of a path."""
+    link = tmp_path / "linked_npd"
+    os.symlink(attack["pd"], link)
+
+    def train(fake, epochs):
+        return run_train_copycat(
+            TrainCopycatConfig(
+                fake_dataset=[fake],
+                model="small_cnn",
+                workdir=str(tmp_path / "w"),
+                train=_train(epochs),
+            )
+        )
+
+    train(str(link), 1)
+    out = train(attack["pd"], 2)  # the same directory by its real path: resumes
+    state = json.loads((tmp_path / "w" / "npd" / "checkpoints" / "state.json").read_text())
+    assert len(state["history"]) == 2 and out["stages"]["npd"]["heldout_agreement"] >= 0
+    with pytest.raises(UserInputError, match="holds a different run .*fake_dataset"):
+        train(attack["npd"], 2)

@@ -242,7 +242,7 @@ def run_train_copycat(
     }
     if export.previous_export(cfg.workdir) is None:
         export.check_export_location(base, cfg.model_name, cfg.version)
-    init_workdir(cfg.workdir, identity, flags_text)
+    init_workdir(cfg.workdir, identity, flags_text, path_keys=("fake_dataset", "pd_fake_dataset"))
 
     def build():
         return registry.build_model(cfg.model, data.input_shape, data.num_classes, cfg.weights)
