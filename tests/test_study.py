@@ -382,7 +382,9 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
     assert study["datasets"]["rate_none_100"]["key"]["rate_limit_qps"] == 0
     assert limited["label_histogram"] == study["datasets"]["rate_none_100"]["label_histogram"]
     assert "The attacker's cost of a rate limit" in text
-    assert "| `--rate_limit_qps=4` | 100 in 1 request of 256 |" in text
+    assert limited["requests"] == 1 + limited["transient_errors"]
+    sent = f"{limited['requests']} ({limited['transient_errors']} refused)"
+    assert f"| `--rate_limit_qps=4` | 100 in 1 request of 256 | {sent} |" in text
     assert (tmp_path / "work" / "model_server-rate_4.log").exists()
     # The detector part: every source one client of a detecting server, per signal.
     clients = {c["name"]: c for c in study["detector"]["clients"]}

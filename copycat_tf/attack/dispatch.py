@@ -10,20 +10,40 @@ import time
 import numpy as np
 from absl import logging
 
-from copycat_tf.targets.base import Prediction, Target, TargetError, TransientError
+from copycat_tf.targets.base import (
+    Prediction,
+    RateLimited,
+    Target,
+    TargetError,
+    TransientError,
+)
 from copycat_tf.targets.retry import RetryPolicy, predict_with_retries
 
 
 class RateLimiter:
-    """At most `qps` acquisitions per second across threads (0: unlimited)."""
+    """At most `qps` acquisitions per second across threads (0: unlimited), and a little
+    fewer after the target refuses one as rate-limited.
+
+    Pacing exactly at a served limit is refused about half the time when the server allows
+    no burst (a token bucket of one request: any request that arrives a millisecond earlier
+    after its predecessor than the limit allows is turned away, and every refusal costs a
+    slot). So each refusal widens the interval by `WIDEN` (at most `MAX_WIDENING` times the
+    nominal one) and skips a slot; each accepted request narrows it back by `NARROW`,
+    never below 1/qps: a few per cent of margin absorbs the jitter of request arrival.
+    """
+
+    WIDEN = 1.05
+    NARROW = 0.999
+    MAX_WIDENING = 2.0
 
     def __init__(self, qps: float):
-        self.interval = 1.0 / qps if qps > 0 else 0.0
+        self.nominal = 1.0 / qps if qps > 0 else 0.0
+        self.interval = self.nominal
         self._next = time.monotonic()
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        if not self.interval:
+        if not self.nominal:
             return
         with self._lock:
             now = time.monotonic()
@@ -31,6 +51,21 @@ class RateLimiter:
             self._next = max(now, self._next) + self.interval
         if wait > 0:
             time.sleep(wait)
+
+    def refused(self) -> None:
+        """The target refused a request as rate-limited: slow down and skip a slot."""
+        if not self.nominal:
+            return
+        with self._lock:
+            self.interval = min(self.interval * self.WIDEN, self.nominal * self.MAX_WIDENING)
+            self._next = max(time.monotonic(), self._next) + self.interval
+
+    def accepted(self) -> None:
+        """The target answered: drift back towards the nominal rate."""
+        if not self.nominal:
+            return
+        with self._lock:
+            self.interval = max(self.nominal, self.interval * self.NARROW)
 
 
 class RequestStats:
@@ -122,10 +157,12 @@ class Dispatcher:
             self.stats.add(requests=1)
 
         def transient(error: TransientError):
+            if isinstance(error, RateLimited):
+                self._rate.refused()
             self.stats.add(transient_errors=1, retries=1)
             logging.log_every_n_seconds(logging.WARNING, "transient error, retrying: %s", 5, error)
 
-        return predict_with_retries(
+        prediction = predict_with_retries(
             self.client,
             images,
             self.num_classes,
@@ -134,3 +171,5 @@ class Dispatcher:
             before_attempt=attempt,
             on_transient=transient,
         )
+        self._rate.accepted()
+        return prediction

@@ -296,10 +296,12 @@ def _rate_limits(study: dict) -> list[str]:
         batch = key["recipe"]["query_batch_size"]
         requests = -(-d["queries_spent"] // batch)
         qps = key["rate_limit_qps"]
+        sent = d.get("requests")
         rows.append(
             [
                 label,
                 f"{d['queries_spent']:,} in {requests:,} request{'s' * (requests != 1)} of {batch}",
+                f"{sent:,} ({d['transient_errors']:,} refused)" if sent is not None else "-",
                 f"{requests / qps:,.0f} s" if qps else "-",
                 _seconds(d["steal_seconds"]),
                 f"{d['steal_seconds'] / free:.1f}x" if free else "-",
@@ -309,12 +311,15 @@ def _rate_limits(study: dict) -> list[str]:
     return [
         "The attacker's cost of a rate limit: the same steal (hard labels) against the target "
         "served with `--rate_limit_qps` (requests per second per client), the attacker "
-        "pacing its requests at the limit (`steal --max_qps`), each steal alone on the machine. "
+        "pacing its requests at the limit (`steal --max_qps`; a few per cent under it after "
+        "each refusal, back towards it with each answer), each steal alone on the machine. "
+        "Requests sent counts every attempt, refused ones (retried) included. "
         "The copy is the same as without the limit (the same queries get the same answers): "
         "a limit buys time, not accuracy.",
         "",
         markdown_table(
-            ["served", "queries", "requests / limit", "steal time", "vs no limit"], rows
+            ["served", "queries", "requests sent", "requests / limit", "steal time", "vs no limit"],
+            rows,
         ),
         "",
         *(["Not measured yet: " + "; ".join(pending) + ".", ""] if pending else []),

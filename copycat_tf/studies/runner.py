@@ -335,6 +335,8 @@ class _Study:
                 "label_histogram": m["label_histogram"],
                 "label_statistics": m["label_statistics"],
                 "steal_seconds": m["steal_seconds"],
+                "requests": m.get("requests"),
+                "transient_errors": m.get("transient_errors"),
             }
         )
         self.save()
