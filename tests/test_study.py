@@ -40,7 +40,6 @@ def test_plan_steals_and_trains_nothing_twice():
         "balance",
         "copycat",
         "selection",
-        "defences",
         "preparation",
     }
     # Comparisons at the variant budget share the reference recipe's first 500 queries.
@@ -74,11 +73,17 @@ def test_plan_steals_and_trains_nothing_twice():
     assert plan.runs["copycat_probe_none"].recipe.augment == "none"
     assert plan.runs["copycat_probe_none"].dataset == "probe"
     # Defences: each served defence x label mode its own steal; top1 answers carry no
-    # scores; the undefended hard-label row is the reference's first queries.
+    # scores; the undefended hard-label row trains on the reference's first queries (a
+    # training of its own, in the matrix's pass).
     assert plan.datasets["def_top1_hard_1k"].defense == "top1"
     assert "def_top1_scores_1k" not in plan.datasets
     assert plan.datasets["def_reverse_sigmoid_0_7_0_4_scores_1k"].recipe.label_mode == "scores"
-    assert next(r.run for r in plan.rows if r.group == "defences") == "npd_1k"
+    undefended = plan.runs[next(r.run for r in plan.rows if r.group == "defences")]
+    assert (undefended.name, undefended.dataset, undefended.max_records) == (
+        "def_none_hard_1k",
+        "natural",
+        1000,
+    )
     by_run = {row.run: row.group for row in plan.rows}
     assert by_run["prep_white"] == "preparation" and by_run["gen_mix"] == "generators"
     assert by_run["labels_topk3"] == "label_modes"
