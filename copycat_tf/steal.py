@@ -60,7 +60,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("max_in_flight", RECIPE.max_in_flight, "Concurrent requests.", lower_bound=1)
 flags.DEFINE_float(
-    "max_qps", 0.0, "Requests per second at most (0: no client-side limit).", lower_bound=0.0
+    "max_qps",
+    0.0,
+    "Requests per second at most (0: no client-side limit); after a rate-limited refusal "
+    "a few per cent fewer, drifting back with each answer.",
+    lower_bound=0.0,
 )
 flags.DEFINE_string(
     "label_mode",
