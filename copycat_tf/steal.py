@@ -62,8 +62,9 @@ flags.DEFINE_integer("max_in_flight", RECIPE.max_in_flight, "Concurrent requests
 flags.DEFINE_float(
     "max_qps",
     0.0,
-    "Requests per second at most (0: no client-side limit); after a rate-limited refusal "
-    "a few per cent fewer, drifting back with each answer.",
+    "Requests per second at most; after a rate-limited refusal a few per cent fewer, "
+    "drifting back with each answer. 0: no limit given; requests are paced from the "
+    "target's first rate-limited refusal on, adapting to its limit.",
     lower_bound=0.0,
 )
 flags.DEFINE_string(

@@ -155,6 +155,10 @@ def test_a_rate_limited_target_costs_time_not_queries(tiny_export, tmp_path):
         )
         assert m["status"] == "complete" and m["queries_spent"] == 96
         assert m["requests"] == 12 + m["transient_errors"] and m["transient_errors"] <= 3
+        # Not told the limit, 4 requests in flight: pacing starts at the first refusal and
+        # adapts (ad hoc, 25 requests: 113 refusals before, 4 after).
+        m = steal(tmp_path / "unpaced", f"grpc://{s.grpc_target}/m", 96, query_batch_size=8)
+        assert m["requests"] == 12 + m["transient_errors"] and m["transient_errors"] <= 8
 
 
 def test_exact_budget_and_extension(server, tmp_path):
@@ -1136,14 +1140,18 @@ def test_invariance_probe_sends_mirrors_and_shifts_and_is_part_of_the_identity(s
 
 def test_pacing_widens_after_a_rate_limited_refusal_and_recovers():
     """A refusal slows the client-side pacing a little and skips a slot; answers bring it
-    back towards --max_qps, never faster; no limit stays no limit."""
+    back towards --max_qps, never faster; refusals of requests sent before the last
+    slow-down do not slow it again."""
     import time
 
     from copycat_tf.attack.dispatch import RateLimiter
 
     limiter = RateLimiter(10.0)
     assert limiter.interval == limiter.nominal == 0.1
-    limiter.refused()
+    ticket = limiter.acquire()
+    limiter.refused(ticket)
+    assert limiter.interval == pytest.approx(0.1 * RateLimiter.WIDEN)
+    limiter.refused(ticket)  # sent before the slow-down: says nothing about the new pace
     assert limiter.interval == pytest.approx(0.1 * RateLimiter.WIDEN)
     start = time.monotonic()
     limiter.acquire()  # the refused slot is skipped: the next one is an interval away
@@ -1154,7 +1162,25 @@ def test_pacing_widens_after_a_rate_limited_refusal_and_recovers():
     for _ in range(5000):
         limiter.accepted()
     assert limiter.interval == limiter.nominal
-    free = RateLimiter(0.0)
-    free.refused()
-    free.accepted()
-    assert free.interval == free.nominal == 0.0
+
+
+def test_pacing_starts_when_a_target_without_a_given_limit_refuses():
+    from copycat_tf.attack.dispatch import RateLimiter
+
+    limiter = RateLimiter(0.0)
+    ticket = limiter.acquire()
+    assert limiter.interval == 0.0
+    limiter.refused(ticket)  # no answer yet: a first guess
+    assert limiter.interval == RateLimiter.FIRST_GUESS_S
+    limiter.refused(limiter.acquire())
+    assert limiter.interval == pytest.approx(RateLimiter.FIRST_GUESS_S * RateLimiter.PROBE_WIDEN)
+    limiter.accepted()
+    assert limiter.interval == pytest.approx(
+        RateLimiter.FIRST_GUESS_S * RateLimiter.PROBE_WIDEN * RateLimiter.PROBE_NARROW
+    )
+    # After answers, the pace starts at the gap between them.
+    answered = RateLimiter(0.0)
+    for _ in range(3):
+        answered.accepted()
+    answered.refused(answered.acquire())
+    assert 0 < answered.interval < RateLimiter.FIRST_GUESS_S
