@@ -380,3 +380,40 @@ def test_workdir_resumes_through_another_link_to_the_same_fake_dataset(attack, t
     assert len(state["history"]) == 2 and out["stages"]["npd"]["heldout_agreement"] >= 0
     with pytest.raises(UserInputError, match="holds a different run .*fake_dataset"):
         train(attack["npd"], 2)
+
+
+def test_soft_targets_are_the_answers_scores_as_a_distribution(attack, tmp_path):
+    """A target rounding its probabilities (round:1) answers score vectors that do not sum
+    to 1; the copycat trains on them normalised (as they were, training diverged)."""
+    from server_util import ServerProcess
+
+    from copycat_tf.training.copycat import soft_target, training_split
+
+    model_dir = os.path.dirname(attack["target"].removeprefix("savedmodel:"))
+    name = os.path.basename(model_dir)
+    flags = (f"--model_base_path={model_dir}", f"--model_name={name}", "--output_defense=round:1")
+    with ServerProcess(*flags, model=name) as s:
+        steal(
+            StealConfig(
+                target=f"grpc://{s.grpc_target}/{name}",
+                npd="synthetic:dead_leaves",
+                output_dir=str(tmp_path / "fake"),
+                query_budget=300,
+                query_batch_size=100,
+                label_mode="scores",
+                crops_per_image=1,
+                progress=False,
+            )
+        )
+    records = fd.read_records(str(tmp_path / "fake"))
+    sums = np.array([r["scores"].sum() for r in records])
+    assert np.abs(sums - 1).max() > 0.05  # the rounded answers, as stored
+    data = fd.load_fake_data([str(tmp_path / "fake")])
+    train, *_ = training_split(data, 5, "replicate", True, 0, 0.0)
+    targets = np.stack([y for _, y in train.as_numpy_iterator()])
+    assert np.allclose(targets.sum(axis=1), 1.0, atol=1e-6) and (targets >= 0).all()
+    by_answer = {tuple(np.round(r["scores"] / r["scores"].sum(), 5)) for r in records}
+    assert {tuple(np.round(t, 5)) for t in targets} <= by_answer
+    # An answer of zeros (nothing to distil) gives its label.
+    _, target = soft_target(tf.zeros([2, 2, 1], tf.uint8), tf.constant(2, tf.int64), tf.zeros([3]))
+    assert target.numpy().tolist() == [0.0, 0.0, 1.0]

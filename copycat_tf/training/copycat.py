@@ -75,6 +75,16 @@ class TrainCopycatConfig:
     max_records: int = 0
 
 
+def soft_target(image, label, scores):
+    """(image, the answer's scores as a distribution): a served answer need not sum to 1
+    (a target that rounds its probabilities, `--output_defense=round:D`, answers sums from
+    0.7 to 1.2 at one decimal), and cross-entropy against such targets diverged (a copy
+    trained on round:1 answers fell to chance). Scores summing to 0 give the label one-hot."""
+    total = tf.reduce_sum(scores)
+    one_hot = tf.one_hot(label, tf.shape(scores)[0], dtype=scores.dtype)
+    return image, tf.where(total > 0, scores / tf.maximum(total, 1e-12), one_hot)
+
+
 def training_split(
     data: fd.FakeData, percent: int, balance: str, soft: bool, seed: int, max_replication: float
 ):
@@ -98,7 +108,7 @@ def training_split(
     train = train.map(lambda image, label, scores, index: (image, label, scores)).cache()
     train, targets = balance_lib.balanced(train, counts, balance, seed, max_replication)
     if soft:
-        train = train.map(lambda image, label, scores: (image, scores))
+        train = train.map(soft_target)
     else:
         train = train.map(lambda image, label, scores: (image, label))
     heldout = records.filter(is_held).map(lambda image, label, scores, index: (image, label))
