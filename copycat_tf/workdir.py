@@ -60,7 +60,7 @@ def init_workdir(
       flags_text: the resolved command-line flags (written to flags.txt).
       path_keys: identity keys holding a path or a list of paths; they are compared with
         symbolic links resolved, so a run reached through another link to the same
-        directory (a symlinked runs/ folder, a moved checkout) still resumes.
+        directory (a symlinked runs/ folder, a checkout reached through a link) still resumes.
 
     Raises:
       UserInputError: the workdir is not writable or belongs to a different run.

@@ -25,9 +25,10 @@ class RateLimiter:
     """Paces acquisitions across threads: at most `qps` per second (0: no limit given), and
     fewer while the target refuses requests as rate-limited.
 
-    With a limit given, pacing exactly at a served limit is refused about half the time
-    when the server allows no burst (a token bucket of one request: a request that arrives
-    a millisecond early is turned away, and every refusal costs a slot). So a refusal
+    With a limit given, pacing exactly at a served limit is refused for a third of the
+    requests or more when the server allows no burst (a token bucket of one request: a
+    request that arrives a millisecond early is turned away, and every refusal costs a
+    slot). So a refusal
     widens the interval by `WIDEN` (at most `MAX_WIDENING` times 1/qps) and skips a slot;
     each answer narrows it back by `NARROW`, never below 1/qps: a few per cent of margin
     absorbs the jitter of request arrival.
