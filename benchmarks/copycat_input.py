@@ -1,6 +1,6 @@
 """The copycat's tf.data input path against the in-memory `fit` ceiling of the same model.
 
-  .venv/bin/python -m benchmarks.copycat_input [--records=20000] [--models=small_cnn,plain_cnn]
+  .venv/bin/python -m benchmarks.copycat_input [--records=20000] [--models=deep_cnn,plain_cnn]
 
 Steals a fake dataset of --records NPD images from an untrained Fashion-MNIST-shaped
 target in-process (real shards and manifest on disk), then, for each model and the
@@ -37,7 +37,7 @@ def _fit_seconds(model, *data, batch_size: int | None = None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=20000)
-    parser.add_argument("--models", default="small_cnn,plain_cnn")
+    parser.add_argument("--models", default="deep_cnn,small_cnn,plain_cnn")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
 

@@ -21,6 +21,7 @@ from copycat_tf.data.augment import AUGMENTERS, AUTO
 from copycat_tf.data.balance import BALANCE_MODES
 from copycat_tf.data.generators import GENERATOR_NAMES
 from copycat_tf.data.preparation import JITTER_ON
+from copycat_tf.models.registry import MODELS
 from copycat_tf.recipe import Recipe, TargetRecipe
 from copycat_tf.studies.plan import (
     DEFENCES,
@@ -140,6 +141,13 @@ flags.DEFINE_float(
     "Share of each selection round drawn at random (steal --helpfull).",
     lower_bound=0.0,
     upper_bound=1.0,
+)
+flags.DEFINE_enum(
+    "model",
+    RECIPE.model,
+    sorted(MODELS),
+    "Copycat architecture of the reference attack (the defaults part also trains the "
+    "recipe's on the same steals).",
 )
 flags.DEFINE_integer("epochs", RECIPE.epochs, "Copycat epochs.", lower_bound=1)
 flags.DEFINE_integer(

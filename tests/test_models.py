@@ -9,6 +9,9 @@ from copycat_tf.models import registry
     "name,shape",
     [
         ("small_cnn", (28, 28, 1)),
+        ("deep_cnn", (28, 28, 1)),
+        ("deep_cnn", (8, 8, 1)),
+        ("plain_cnn", (28, 28, 1)),
         ("vgg16", (28, 28, 1)),
         ("alexnet", (32, 32, 3)),
         ("resnet18_v2", (32, 32, 3)),

@@ -13,6 +13,8 @@ import numpy as np
 from cli_util import error_lines, run_verb
 from server_util import ServerProcess, free_port
 
+from copycat_tf.recipe import Recipe
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 12
 
@@ -139,7 +141,7 @@ def test_two_workers_train_a_copycat(tiny_export, tmp_path):
     for proc, log in workers:
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     chief, other = (log.read_text() for _, log in workers)
-    assert "copycat small_cnn" in chief and "SavedModel" in chief
+    assert f"copycat {Recipe().model}" in chief and "SavedModel" in chief
     assert "worker 1: trained 2 epoch(s) with the chief" in other
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert metrics["stages"]["npd"]["epochs_done"] == 2

@@ -91,6 +91,16 @@ def test_plan_steals_and_trains_nothing_twice():
     shipped = plan.datasets["defaults_1k"].recipe
     assert shipped == dataclasses.replace(Recipe(), npd="synthetic:noise", query_budget=1000)
     assert plan.datasets["defaults_500"].recipe.query_budget == 500
+    # A reference pinned to another copycat: that copycat also trains on each of the
+    # defaults' steals (the architecture's effect, like for like).
+    pinned = dataclasses.replace(settings, recipe=dataclasses.replace(ORDERED, model="plain_cnn"))
+    plan = build_plan(pinned)
+    other = plan.runs["defaults_1k_plain_cnn"]
+    assert (other.dataset, other.recipe.model) == ("defaults_1k", "plain_cnn")
+    assert plan.runs["defaults_1k"].recipe.model == Recipe().model
+    assert ("1,000 queries, `--model=plain_cnn`", "defaults_1k_plain_cnn") in [
+        (row.label, row.run) for row in plan.rows if row.group == "defaults"
+    ]
 
 
 def test_a_study_of_the_default_recipe_compares_selections_with_a_random_order_steal():

@@ -463,8 +463,14 @@ def build_plan(s: PlanSettings) -> Plan:
             )
             if recipe == base:
                 plan.row("defaults", f"{n:,} queries (the reference attack)", reference)
-            else:
-                variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
+                continue
+            variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
+            if recipe.model != base.model:
+                # The reference's copycat on the same steal: the architecture's own effect,
+                # like for like (trainings of other steals differ by a few points).
+                other = dataclasses.replace(recipe, model=base.model)
+                run = RunSpec(f"defaults_{_k(n)}_{slug(base.model)}", f"defaults_{_k(n)}", other)
+                plan.row("defaults", f"{n:,} queries, `--model={base.model}`", plan.run(run))
         # The same recipe data-free: the data-free generator for NPD, the whole budget.
         free = dataclasses.replace(
             Recipe(),
