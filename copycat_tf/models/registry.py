@@ -83,8 +83,8 @@ def deep_cnn(input_shape, num_classes, weights=None, dropout=0.3) -> keras.Model
     default.
 
     About 1.5x small_cnn's training time per image on a CPU; it fits the target's answers
-    on NPD images better (a copy of the same 50,000 stolen labels is a few points closer to
-    the target, experiments/fashion_mnist/RESULTS.md, "The recipe's defaults").
+    on NPD images better (a copy of the same 50,000 stolen labels is closer to the
+    target, experiments/fashion_mnist/RESULTS.md, "The recipe's defaults").
     """
     return _block_cnn(
         "deep_cnn", input_shape, num_classes, weights, dropout, True, (32, 64, 128, 256)
