@@ -367,9 +367,11 @@ def build_plan(s: PlanSettings) -> Plan:
         plan.row("sources", f"data-free: `{recipe.npd}`", run)
     small = dataclasses.replace(base, query_budget=s.variant_budget)
 
-    def variant(part: str, prefix: str, name: str, label: str, recipe: Recipe) -> None:
+    def variant(part: str, prefix: str, name: str, label: str, recipe: Recipe) -> str:
+        """Plans a steal and its copycat under one name; returns the dataset's name."""
         data = plan.dataset(f"{prefix}_{name}", recipe)
         plan.row(part, label, plan.run(RunSpec(f"{prefix}_{name}", data, recipe)))
+        return data
 
     if "preparation" in s.parts:
         plan.row("preparation", "the reference attack's preparation", npd_run(s.variant_budget))
@@ -464,12 +466,12 @@ def build_plan(s: PlanSettings) -> Plan:
             if recipe == base:
                 plan.row("defaults", f"{n:,} queries (the reference attack)", reference)
                 continue
-            variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
+            data = variant("defaults", "defaults", _k(n), f"{n:,} queries", recipe)
             if recipe.model != base.model:
                 # The reference's copycat on the same steal: the architecture's own effect,
                 # like for like (trainings of other steals differ by a few points).
                 other = dataclasses.replace(recipe, model=base.model)
-                run = RunSpec(f"defaults_{_k(n)}_{slug(base.model)}", f"defaults_{_k(n)}", other)
+                run = RunSpec(f"{data}_{slug(base.model)}", data, other)
                 plan.row("defaults", f"{n:,} queries, `--model={base.model}`", plan.run(run))
         # The same recipe data-free: the data-free generator for NPD, the whole budget.
         free = dataclasses.replace(
