@@ -434,6 +434,12 @@ def test_tiny_study_end_to_end_and_regeneration(fashion_dir, tmp_path):
         assert again["runs"][run]["accuracy"] == study["runs"][run]["accuracy"]
         assert again["runs"][run]["key"]["recipe"]["finetune_epochs"] == 2
     assert again["datasets"]["natural"]["key"]["recipe"]["finetune_epochs"] == 2
+    # A run of one part keeps the other parts' rows and sections as they were measured.
+    assert again["parts"] == study["parts"]
+    assert again["rows"] == study["rows"] and again["timed"] == study["timed"]
+    text = (out / "RESULTS.md").read_text()
+    for title in ("Query-budget curve", "Output defences", "Extraction detector"):
+        assert f"## {title}" in text
 
 
 def test_a_new_recipe_knob_at_its_default_keeps_finished_runs_finished():
