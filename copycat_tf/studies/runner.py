@@ -241,15 +241,17 @@ class _Study:
         """Writes study.json and RESULTS.md. The parts this run planned get this plan's
         rows; the rows of parts it did not plan stay as recorded (a `--parts` run updates
         its parts and keeps the rest of the report)."""
-        ran = set(self.cfg.parts)
-        kept = [row for row in self.study.get("rows", []) if row["group"] not in ran]
+        ran = self.cfg.parts
+        before = [p for p in self.study.get("parts", []) if p in PARTS]
+        parts = before + [p for p in ran if p not in before]  # sections keep their places
+        kept = [
+            r for r in self.study.get("rows", []) if r["group"] in parts and r["group"] not in ran
+        ]
         rows = kept + [dataclasses.asdict(r) for r in self.plan.rows]
-        order = {part: n for n, part in enumerate(PARTS)}
-        self.study["rows"] = sorted(rows, key=lambda row: order.get(row["group"], len(order)))
+        self.study["rows"] = sorted(rows, key=lambda row: parts.index(row["group"]))
         if "defences" in ran or "timed" not in self.study:  # the rate limits' steals
             self.study["timed"] = [{"label": label, "dataset": d} for label, d in self.plan.timed]
-        parts = ran | set(self.study.get("parts", []))
-        self.study["parts"] = [p for p in PARTS if p in parts]
+        self.study["parts"] = parts
         atomic_write_json(os.path.join(self.cfg.results_dir, STUDY_JSON), self.study)
         results.write_results(self.cfg.results_dir, self.study)
 
