@@ -7,7 +7,8 @@ embedded model server, then steals each planned fake dataset and trains and eval
 each planned copycat (studies.plan: the paper's table, the query-budget curve, NPD
 sources, class balancing). Writes study.json, RESULTS.md and the plots into
 --results_dir (a hand-written PREFACE.md there is included); artefacts go to --workdir.
-Re-running resumes; --render_only rewrites RESULTS.md from study.json.
+Re-running resumes; --render_only rewrites RESULTS.md from study.json. A run of some
+--parts updates those parts and keeps the other parts' recorded rows in the report.
 """
 
 import dataclasses
@@ -55,7 +56,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")
 flags.DEFINE_string("data_dir", None, "Its data directory (default: Debian's Fashion-MNIST).")
-flags.DEFINE_list("parts", list(PARTS), f"What to run: {', '.join(PARTS)}.")
+flags.DEFINE_list(
+    "parts",
+    list(PARTS),
+    f"What to run: {', '.join(PARTS)}. The report keeps the recorded rows of parts not run.",
+)
 flags.DEFINE_list("budgets", ["5000", "10000", "25000", "50000"], "Budgets of the budget curve.")
 flags.DEFINE_integer(
     "variant_budget",
