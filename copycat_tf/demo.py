@@ -41,7 +41,7 @@ flags.DEFINE_enum(
     list(SELECTIONS),
     "Which NPD items steal sends (see steal --helpfull): rounds chosen by a scout copycat "
     f"(the recipe's {Recipe.selection}, with a share of {Recipe.selection_random:g} of each "
-    "round drawn at random; entropy, margin, kcenter, entropy_kcenter), or random order "
+    "round drawn at random; entropy, margin, kcenter, entropy_kcenter, dfal), or random order "
     "(the default with --quick).",
 )
 flags.DEFINE_string("pd_data", "fashion_mnist", "Problem-domain data of the target.")

@@ -139,6 +139,7 @@ flags.DEFINE_enum(
     "them is sent; class_balance: likely answered with the classes stolen least; entropy / "
     "margin: the scout's most uncertain; kcenter: most unlike everything stolen (core-set); "
     "entropy_kcenter: core-set among the 4 x round most uncertain (ActiveThief); "
+    "dfal: closest to the scout's decision boundary (one DeepFool step, ActiveThief's DFAL); "
     "adaptive: no scout, a bandit (UCB1) over the NPD's arms (mix parts, backgrounds and "
     "polarities) rewarded by how rare their answers' labels are. Each round's choice is "
     "saved in the fake dataset before it is sent.",

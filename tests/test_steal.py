@@ -818,6 +818,38 @@ def test_greedy_class_balanced_choice():
     assert sel.scout_steps(10_000, warm=True) == 471 and sel.scout_steps(100_000, True) == 500
 
 
+def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
+    """On a linear scout the DeepFool step is exact: |z_1 - z_2| / ||w_1 - w_2|| for the
+    two best logits; dfal takes the candidates nearest the boundary, whatever the batch."""
+    import keras
+
+    from copycat_tf.attack import selection as sel
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.01, (4, 3)).astype(np.float32)
+    b = np.array([0.3, 0.0, -0.2], np.float32)
+    scout = keras.Sequential(
+        [keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+    scout.layers[-1].set_weights([w, b])
+    images = rng.integers(0, 256, (700, 2, 2, 1)).astype(np.uint8)  # two batches of scoring
+    probs, distance = sel.boundary_distance(scout, images)
+    z = images.reshape(700, 4).astype(np.float64) @ w + b
+    top = np.argsort(-z, axis=1)
+    rows = np.arange(700)
+    gap = z[rows, top[:, 0]] - z[rows, top[:, 1]]
+    expected = gap / np.linalg.norm(w[:, top[:, 0]] - w[:, top[:, 1]], axis=0)
+    np.testing.assert_allclose(distance, expected, rtol=1e-3, atol=1e-4)
+    assert np.array_equal(probs.argmax(axis=1), top[:, 0])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    alone = sel.boundary_distance(scout, images[:7])[1]  # the same numbers in a small batch
+    np.testing.assert_allclose(alone, distance[:7], rtol=1e-5)
+    nearest = sel.choose_nearest(distance, 50)
+    assert len(nearest) == 50 and np.all(np.diff(nearest) > 0)
+    assert distance[nearest].max() <= np.delete(distance, nearest).min()
+    assert list(sel.choose_nearest(np.array([3.0, 1.0, 1.0, 0.5]), 2)) == [1, 3]
+
+
 @pytest.mark.parametrize(
     "strategy, reuse, share",
     [
@@ -826,6 +858,7 @@ def test_greedy_class_balanced_choice():
         ("kcenter", True, 0.5),
         ("entropy_kcenter", False, 0.0),
         ("class_balance", False, 0.25),
+        ("dfal", False, 0.0),
     ],
 )
 def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
@@ -836,7 +869,8 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     records say so, and the dataset trains like any other. With --selection_reuse, rounds
     take the unchosen candidates of the round before over and warm-start their scout.
     With --selection_random, that share of each round is drawn at random from its pool
-    and its records say "random"."""
+    and its records say "random". dfal (input gradients of the scout) chooses the same
+    queries when run again."""
     from copycat_tf.attack import selection as sel
 
     monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
@@ -847,19 +881,20 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     ]
     base, folder = _brightness_target(tmp_path, pictures)
     prep = Preparation.of(Recipe(npd_adapt_after=64, npd_background="black", npd_jitter=0.0))
+    settings = dict(
+        npd=f"folder:{folder}",
+        preparation=prep,
+        crops_per_image=4,
+        selection=strategy,
+        selection_round=64,
+        selection_reuse=reuse,
+        selection_random=share,
+    )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
-        manifest = steal(
-            tmp_path / "fake",
-            f"grpc://{s.grpc_target}/m",
-            200,
-            npd=f"folder:{folder}",
-            preparation=prep,
-            crops_per_image=4,
-            selection=strategy,
-            selection_round=64,
-            selection_reuse=reuse,
-            selection_random=share,
-        )
+        manifest = steal(tmp_path / "fake", f"grpc://{s.grpc_target}/m", 200, **settings)
+        if strategy == "dfal":  # its input gradients choose the same again
+            steal(tmp_path / "again", f"grpc://{s.grpc_target}/m", 200, **settings)
+            assert layout(tmp_path / "again") == layout(tmp_path / "fake")
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
     rounds = manifest["selection_record"]["rounds"]
     assert [(r["after"], sum(r["predicted_histogram"])) for r in rounds] == [

@@ -16,6 +16,13 @@ and the next round starts from all the labels again, until the budget is spent.
   entropy_kcenter  the two combined as ActiveThief (Pal et al., AAAI 2020) does: k-center
                  among the SHORTLIST x round most uncertain candidates (informative and
                  diverse: uncertainty alone picks near-duplicates along one boundary).
+  dfal           the candidates closest to the scout's decision boundary, as ActiveThief's
+                 DeepFool-based active learning (DFAL) ranks them, by the length of one
+                 DeepFool step towards the scout's runner-up class: |z_1 - z_2| /
+                 ||grad_x (z_1 - z_2)|| (logits z, in pixels): the smallest perturbation
+                 that would make the scout change its answer, to first order. One gradient
+                 per candidate (DeepFool iterates over every class; ActiveThief queries
+                 the candidate, not its perturbation, and so does this).
   adaptive       no scout: a bandit over the NPD's arms (each part of a `mix:` spec and,
                  for prepared pictures, each background/polarity of the preparation),
                  each arm rewarded by how rare the labels its answers got are (mean
@@ -69,12 +76,15 @@ SELECTIONS = (
     "margin",
     "kcenter",
     "entropy_kcenter",
+    "dfal",
     "adaptive",
 )
 # Strategies that train a scout copycat each round.
-SCOUTED = ("class_balance", "entropy", "margin", "kcenter", "entropy_kcenter")
+SCOUTED = ("class_balance", "entropy", "margin", "kcenter", "entropy_kcenter", "dfal")
 # Strategies that need the scout's penultimate features of every candidate.
 FEATURED = ("kcenter", "entropy_kcenter")
+# Strategies that need the scout's input gradient at every candidate.
+GRADIENT = ("dfal",)
 # entropy_kcenter: k-center among this many times the round's queries, the most uncertain.
 SHORTLIST = 4
 SELECTION_FILE = "selection.json"
@@ -334,6 +344,43 @@ def _with_features(model):
     return keras.Model(model.inputs, [model.layers[-2].output, model.output])
 
 
+def _boundary_scorer(model):
+    """scores(images) -> (logits, DeepFool step length towards the runner-up class) of a
+    batch: one gradient per image (the scout has no layer mixing the batch at inference)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def scores(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = tf.cast(model(x, training=False), tf.float32)
+            top2 = tf.math.top_k(logits, k=2).values
+            gap = top2[:, 0] - top2[:, 1]
+            total = tf.reduce_sum(gap)
+        grad = tape.gradient(total, x)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(grad, [tf.shape(x)[0], -1])), 1))
+        return logits, gap / (norm + 1e-12)
+
+    return scores
+
+
+def boundary_distance(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities, DeepFool step length in pixels towards the scout's runner-up
+    class) of images, SCORE_BATCH at a time (see dfal in the module docstring)."""
+    scores = _boundary_scorer(model)
+    x = images.astype(np.float32)
+    outs = [scores(x[i : i + SCORE_BATCH]) for i in range(0, len(x), SCORE_BATCH)]
+    logits = np.concatenate([o[0].numpy() for o in outs])
+    distance = np.concatenate([o[1].numpy() for o in outs]).astype(np.float32)
+    return _softmax(logits), distance
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def _scores(model, images: np.ndarray, features: bool):
     """(class probabilities, penultimate features or None) of a batch of images; `model`
     is the scout, or with `features` its _with_features model."""
@@ -346,10 +393,7 @@ def _scores(model, images: np.ndarray, features: bool):
         logits = np.concatenate([g for _, g in outs])
     else:
         feats, logits = None, np.concatenate(outs)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return probs, None if feats is None else feats.astype(np.float32)
+    return _softmax(logits), None if feats is None else feats.astype(np.float32)
 
 
 def random_rows(size: int, count: int, seed: int, round_index: int) -> np.ndarray:
@@ -369,6 +413,11 @@ def choose_uncertain(probs: np.ndarray, need: int, kind: str) -> np.ndarray:
         top2 = np.sort(probs, axis=1)[:, -2:]
         score = -(top2[:, 1] - top2[:, 0])
     return np.sort(np.argsort(-score, kind="stable")[: min(need, len(probs))])
+
+
+def choose_nearest(distance: np.ndarray, need: int) -> np.ndarray:
+    """The `need` rows of smallest boundary distance (dfal), ascending; ties by row."""
+    return np.sort(np.argsort(distance, kind="stable")[: min(need, len(distance))])
 
 
 def choose_kcenter(candidates: np.ndarray, centres: np.ndarray, need: int) -> np.ndarray:
@@ -576,7 +625,11 @@ def select(
         ok = [(p, it) for p, it in zip(positions, got, strict=True) if it and it.image is not None]
         if ok:
             candidates.extend(p for p, _ in ok)
-            if strategy in SCOUTED:
+            if strategy in GRADIENT:
+                p, f = boundary_distance(scout, np.stack([it.image for _, it in ok]))
+                probs.append(p)
+                feats.append(f)
+            elif strategy in SCOUTED:
                 p, f = _scores(scorer, np.stack([it.image for _, it in ok]), features)
                 probs.append(p)
                 feats.append(f)
@@ -604,6 +657,8 @@ def select(
             picked = choose_balanced(probs[rest], counts + guessed, left)
         elif strategy in ("entropy", "margin"):
             picked = choose_uncertain(probs[rest], left, strategy)
+        elif strategy == "dfal":
+            picked = choose_nearest(np.concatenate(feats)[rest] if feats else np.zeros(0), left)
         else:
             centres = _scores(scorer, images, True)[1]
             if len(lucky):  # the random draws are centres already
