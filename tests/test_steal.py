@@ -833,7 +833,8 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
     )
     scout.layers[-1].set_weights([w, b])
     images = rng.integers(0, 256, (700, 2, 2, 1)).astype(np.uint8)  # two batches of scoring
-    probs, distance = sel.boundary_distance(scout, images)
+    scores = sel.boundary_scorer(scout)
+    probs, distance = sel.boundary_distance(scores, images)
     z = images.reshape(700, 4).astype(np.float64) @ w + b
     top = np.argsort(-z, axis=1)
     rows = np.arange(700)
@@ -842,7 +843,7 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
     np.testing.assert_allclose(distance, expected, rtol=1e-3, atol=1e-4)
     assert np.array_equal(probs.argmax(axis=1), top[:, 0])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    alone = sel.boundary_distance(scout, images[:7])[1]  # the same numbers in a small batch
+    alone = sel.boundary_distance(scores, images[:7])[1]  # the same numbers in a small batch
     np.testing.assert_allclose(alone, distance[:7], rtol=1e-5)
     nearest = sel.choose_nearest(distance, 50)
     assert len(nearest) == 50 and np.all(np.diff(nearest) > 0)

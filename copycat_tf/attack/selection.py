@@ -344,7 +344,7 @@ def _with_features(model):
     return keras.Model(model.inputs, [model.layers[-2].output, model.output])
 
 
-def _boundary_scorer(model):
+def boundary_scorer(model):
     """scores(images) -> (logits, DeepFool step length towards the runner-up class) of a
     batch: one gradient per image (the scout has no layer mixing the batch at inference)."""
     import tensorflow as tf
@@ -364,10 +364,10 @@ def _boundary_scorer(model):
     return scores
 
 
-def boundary_distance(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def boundary_distance(scores, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities, DeepFool step length in pixels towards the scout's runner-up
-    class) of images, SCORE_BATCH at a time (see dfal in the module docstring)."""
-    scores = _boundary_scorer(model)
+    class) of images, SCORE_BATCH at a time (see dfal in the module docstring); `scores`
+    is the scout's _boundary_scorer, made once per round (one trace of its graph)."""
     x = images.astype(np.float32)
     outs = [scores(x[i : i + SCORE_BATCH]) for i in range(0, len(x), SCORE_BATCH)]
     logits = np.concatenate([o[0].numpy() for o in outs])
@@ -617,7 +617,10 @@ def select(
             "seconds": round(time.monotonic() - start, 1),
         }
     features = strategy in FEATURED
-    scorer = _with_features(scout) if features else scout if strategy in SCOUTED else None
+    if strategy in GRADIENT:
+        scorer = boundary_scorer(scout)
+    else:
+        scorer = _with_features(scout) if features else scout if strategy in SCOUTED else None
     probs, feats, candidates, arms = [], [], [], []
 
     def score(positions: list[int]) -> list:
@@ -626,7 +629,7 @@ def select(
         if ok:
             candidates.extend(p for p, _ in ok)
             if strategy in GRADIENT:
-                p, f = boundary_distance(scout, np.stack([it.image for _, it in ok]))
+                p, f = boundary_distance(scorer, np.stack([it.image for _, it in ok]))
                 probs.append(p)
                 feats.append(f)
             elif strategy in SCOUTED:
