@@ -54,7 +54,7 @@ def skew_advice(npd: str, preparation, selection: str) -> str:
         helps.append("other NPD sources (--npd=mix:...)")
     if selection == "random":
         helps.append("query selection (--selection=class_balance or entropy)")
-    elif selection in ("entropy", "margin", "kcenter", "entropy_kcenter", "dfal", "adaptive"):
+    elif selection != "class_balance":
         helps.append("--selection=class_balance (it favours the classes answered least)")
     else:
         helps.append("a larger --selection_pool")

@@ -412,11 +412,12 @@ def choose_uncertain(probs: np.ndarray, need: int, kind: str) -> np.ndarray:
     else:
         top2 = np.sort(probs, axis=1)[:, -2:]
         score = -(top2[:, 1] - top2[:, 0])
-    return np.sort(np.argsort(-score, kind="stable")[: min(need, len(probs))])
+    return choose_nearest(-score, need)
 
 
 def choose_nearest(distance: np.ndarray, need: int) -> np.ndarray:
-    """The `need` rows of smallest boundary distance (dfal), ascending; ties by row."""
+    """The `need` rows of smallest distance (dfal: to the scout's boundary), ascending;
+    ties by row (stable)."""
     return np.sort(np.argsort(distance, kind="stable")[: min(need, len(distance))])
 
 
@@ -621,6 +622,7 @@ def select(
         scorer = boundary_scorer(scout)
     else:
         scorer = _with_features(scout) if features else scout if strategy in SCOUTED else None
+    # feats: per scored chunk, the scout's features (kcenter) or boundary distances (dfal)
     probs, feats, candidates, arms = [], [], [], []
 
     def score(positions: list[int]) -> list:
@@ -628,12 +630,12 @@ def select(
         ok = [(p, it) for p, it in zip(positions, got, strict=True) if it and it.image is not None]
         if ok:
             candidates.extend(p for p, _ in ok)
-            if strategy in GRADIENT:
-                p, f = boundary_distance(scorer, np.stack([it.image for _, it in ok]))
-                probs.append(p)
-                feats.append(f)
-            elif strategy in SCOUTED:
-                p, f = _scores(scorer, np.stack([it.image for _, it in ok]), features)
+            if strategy in SCOUTED:
+                batch = np.stack([it.image for _, it in ok])
+                if strategy in GRADIENT:
+                    p, f = boundary_distance(scorer, batch)
+                else:
+                    p, f = _scores(scorer, batch, features)
                 probs.append(p)
                 feats.append(f)
             else:
