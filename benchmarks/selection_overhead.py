@@ -1,7 +1,7 @@
 """The cost of query-selection rounds (`steal --selection`): scout, candidates, choice.
 
   .venv/bin/python -m benchmarks.selection_overhead [--pool=50000] [--exploration=2048]
-      [--strategies=entropy,adaptive] [--rounds=3] [--npd=...] [--reuse]
+      [--strategies=entropy,adaptive] [--rounds=3] [--npd=...] [--reuse | --warm_start]
 
 For each strategy, --rounds consecutive rounds of `attack.selection.select` on the
 Recipe's NPD stream at 28x28x1 (natural pictures when installed), each choosing a tenth of
@@ -13,7 +13,8 @@ makes them for a selection: two threads, decoded pictures kept for the stream's 
 pools come back to the same pictures do not. Every round generates a whole fresh pool
 (its items made while its scout trains); with --reuse (steal --selection_reuse), rounds
 after the first take the round before's unchosen candidates over, generate only the rest
-and warm-start their scout.
+and warm-start their scout; with --warm_start (steal --selection_warm_start), they
+generate a whole fresh pool and warm-start their scout.
 Prints per round: the answers before it, the pool, carried-over and freshly generated
 candidates, the scout's seconds and the round's. The items of answered queries and
 candidates stay in memory between rounds as in `steal` (attack.selection.ImageCache).
@@ -32,7 +33,7 @@ from benchmarks.common import NUM_CLASSES, SHAPE, machine_line
 WORKERS = 2  # threads making NPD items, as steal's Producer runs them
 
 
-def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of, reuse):
+def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of, reuse, warm):
     from copycat_tf.attack import selection as sel
 
     start = time.perf_counter()
@@ -49,6 +50,7 @@ def _round(strategy, directory, index, after, need, pool, labels, fetch, arm_of,
         NUM_CLASSES,
         0,
         reuse=reuse,
+        warm_start=warm,
     )
     return selection["rounds"][index], time.perf_counter() - start
 
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="entropy,adaptive")
     parser.add_argument("--npd", default="", help="NPD spec (default: the Recipe's)")
     parser.add_argument("--reuse", action="store_true", help="as steal --selection_reuse")
+    parser.add_argument("--warm_start", action="store_true", help="as steal --selection_warm_start")
     parser.add_argument("--rounds", type=int, default=3, help="consecutive rounds")
     args = parser.parse_args()
 
@@ -114,6 +117,7 @@ def main() -> None:
                 fetch,
                 stream.arm_name,
                 args.reuse,
+                args.warm_start,
             )
             fresh = record["pool_end"] - record["pool_start"]
             scout = record["scout"]["seconds"] if "scout" in record else 0.0
@@ -134,7 +138,8 @@ def main() -> None:
     command = "\ncommand: .venv/bin/python -m benchmarks.selection_overhead"
     print(
         f"{command} --pool={args.pool} --exploration={args.exploration} "
-        f"--strategies={args.strategies} --rounds={args.rounds}{' --reuse' if args.reuse else ''}"
+        f"--strategies={args.strategies} --rounds={args.rounds}"
+        f"{' --reuse' if args.reuse else ''}{' --warm_start' if args.warm_start else ''}"
     )
     print(machine_line(f"NPD {recipe.resolved_npd()}, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"))
 

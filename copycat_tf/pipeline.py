@@ -145,6 +145,7 @@ def steal(
             selection_pool=recipe.selection_pool,
             selection_round=recipe.selection_round,
             selection_reuse=recipe.selection_reuse,
+            selection_warm_start=recipe.selection_warm_start,
             selection_random=recipe.selection_random,
             npd_data_dir=data_dir,
             target_options=target_options or {},

@@ -143,6 +143,8 @@ class Recipe:
       selection_reuse: a round takes the round before's unchosen candidates over and
         warm-starts its scout from the round before's (faster rounds; fewer distinct
         candidates in all).
+      selection_warm_start: a round's scout starts from the round before's (fewer steps)
+        while its pool stays fresh (implied by selection_reuse).
       label_mode: what is kept of each answer: hard, topk:K or scores.
       model: copycat architecture (models.registry). deep_cnn (small_cnn, the target's
         architecture, with two more blocks) fits the target's answers on NPD images
@@ -194,6 +196,7 @@ class Recipe:
     selection_round: int = 0
     selection_random: float = 0.5
     selection_reuse: bool = False
+    selection_warm_start: bool = False
     label_mode: str = "hard"
     model: str = "deep_cnn"
     epochs: int = 10

@@ -174,6 +174,13 @@ flags.DEFINE_boolean(
     "warm-starts its scout from the round before's: faster rounds (benchmarks/README.md), "
     "fewer distinct candidates in all (measured at 10,000 queries: a less accurate copy).",
 )
+flags.DEFINE_boolean(
+    "selection_warm_start",
+    RECIPE.selection_warm_start,
+    "A selection round's scout starts from the round before's and trains fewer steps, while "
+    "every round still scores a pool of fresh candidates (implied by --selection_reuse): "
+    "the scout's share of a round shrinks (benchmarks/README.md).",
+)
 # The names the query-selection literature (and its issue) uses for the same settings.
 flags.DEFINE_alias("round_size", "selection_round")
 flags.DEFINE_alias("candidate_pool", "selection_pool")
@@ -338,6 +345,7 @@ def main(argv):
         selection_pool=FLAGS.selection_pool,
         selection_round=FLAGS.selection_round,
         selection_reuse=FLAGS.selection_reuse,
+        selection_warm_start=FLAGS.selection_warm_start,
         selection_random=FLAGS.selection_random,
         progress=FLAGS.progress,
         target_options={

@@ -852,23 +852,24 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
 
 
 @pytest.mark.parametrize(
-    "strategy, reuse, share",
+    "strategy, rounds, share",
     [
-        ("entropy", False, 0.0),
-        ("margin", True, 0.0),
-        ("kcenter", True, 0.5),
-        ("entropy_kcenter", False, 0.0),
-        ("class_balance", False, 0.25),
-        ("dfal", False, 0.0),
+        ("entropy", "fresh", 0.0),
+        ("margin", "reuse", 0.0),
+        ("kcenter", "reuse", 0.5),
+        ("entropy_kcenter", "fresh", 0.0),
+        ("class_balance", "warm_start", 0.25),
+        ("dfal", "fresh", 0.0),
     ],
 )
 def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
-    tmp_path, strategy, reuse, share, monkeypatch
+    tmp_path, strategy, rounds, share, monkeypatch
 ):
     """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
     round partial (budget 200): the budget is exact, each round is recorded and its
     records say so, and the dataset trains like any other. With --selection_reuse, rounds
-    take the unchosen candidates of the round before over and warm-start their scout.
+    take the unchosen candidates of the round before over and warm-start their scout; with
+    --selection_warm_start, they warm-start their scout and score fresh candidates.
     With --selection_random, that share of each round is drawn at random from its pool
     and its records say "random". dfal (input gradients of the scout) chooses the same
     queries when run again."""
@@ -888,7 +889,8 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
         crops_per_image=4,
         selection=strategy,
         selection_round=64,
-        selection_reuse=reuse,
+        selection_reuse=rounds == "reuse",
+        selection_warm_start=rounds == "warm_start",
         selection_random=share,
     )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
@@ -897,7 +899,7 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
             steal(tmp_path / "again", f"grpc://{s.grpc_target}/m", 200, **settings)
             assert layout(tmp_path / "again") == layout(tmp_path / "fake")
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
-    rounds = manifest["selection_record"]["rounds"]
+    mode, rounds = rounds, manifest["selection_record"]["rounds"]
     assert [(r["after"], sum(r["predicted_histogram"])) for r in rounds] == [
         (64, 64),
         (128, 64),
@@ -914,12 +916,16 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     positions = [int(r["source_id"].rsplit("@", 1)[1]) for r in records[64:]]
     assert len(set(positions)) == len(positions)  # no candidate sent twice
     kept = [p.name for p in (tmp_path / "fake").glob("scout-*")]
-    if reuse:  # pools of 640, 640 and 80 candidates
-        assert [r["carried"] for r in rounds] == [0, 576, 72]
-        assert [r["scout"]["warm_start"] for r in rounds] == [False, True, True]
-        assert kept == ["scout-2.weights.h5"]  # the last round's only
-    else:
-        assert [r["carried"] for r in rounds] == [0, 0, 0] and not kept
+    # pools of 640, 640 and 80 candidates; scouts after the first warm-started or not
+    carried = [0, 576, 72] if mode == "reuse" else [0, 0, 0]
+    assert [r["carried"] for r in rounds] == carried
+    fresh = [r["pool_end"] - r["pool_start"] for r in rounds]
+    assert fresh == ([640, 64, 8] if mode == "reuse" else [640, 640, 80]), fresh
+    warm = mode != "fresh"
+    assert [r["scout"]["warm_start"] for r in rounds] == [False, warm, warm]
+    assert [r["scout"]["steps"] < rounds[0]["scout"]["steps"] for r in rounds[1:]] == [warm] * 2
+    assert manifest.get("selection_warm_start", False) == (mode == "warm_start")
+    assert kept == (["scout-2.weights.h5"] if warm else [])  # the last round's only
     data = fd.load_fake_data([str(tmp_path / "fake")])
     assert len(data.labels) == 200 and data.num_classes == 3
 

@@ -38,11 +38,13 @@ the round's queries; this round's scout scores them again, as in a fixed-pool ac
 learner) and its scout starts from the round before's (warm start: WARM_EPOCHS epochs
 instead of SCOUT_EPOCHS; the weights are kept in the fake dataset until the next round is
 written): rounds after the first cost far less (benchmarks/README.md), but fewer distinct
-candidates are scored in all. Query k of a round sends the candidate position the round
-chose for it. Every round's choice is written to the fake dataset (SELECTION_FILE,
-atomically) before any of it is sent, and read back on resume: a resumed run sends
-exactly what the first one chose. A kill before a round is written trains its scout again
-on resume (nothing of it was sent).
+candidates are scored in all. With `warm_start` alone (steal --selection_warm_start), every
+round scores a fresh pool as without reuse, and only its scout starts from the round
+before's: the scout's share of a round shrinks, the candidates stay fresh. Query k of a
+round sends the candidate position the round chose for it. Every round's choice is
+written to the fake dataset (SELECTION_FILE, atomically) before any of it is sent, and
+read back on resume: a resumed run sends exactly what the first one chose. A kill before
+a round is written trains its scout again on resume (nothing of it was sent).
 
 Memory: the pool's scores (pool x classes floats; x 128 features for kcenter) and the
 images of answered queries (and, with reuse, of unchosen candidates), kept between rounds
@@ -551,6 +553,7 @@ def select(
     seed: int,
     reuse: bool = False,
     random_share: float = 0.0,
+    warm_start: bool = False,
 ) -> dict:
     """Chooses round `round_index` (queries after..after+need-1), or reads it when it was
     chosen before; writes it to the fake dataset before returning.
@@ -571,6 +574,8 @@ def select(
         the pool size less `need`) and warm-start the scout from the round before's.
       random_share: this share of `need` is drawn uniformly from the pool first (seeded by
         `seed` and the round), the rest chosen by the strategy among the others.
+      warm_start: warm-start the scout from the round before's on a fresh pool (implied
+        by `reuse`).
 
     Returns:
       the whole selection ({"strategy", "rounds": [...]}); each round holds "after",
@@ -589,6 +594,7 @@ def select(
     counts = np.bincount(every, minlength=num_classes)
     size = pool_size(need, max_pool)
     carried = carried_over(rounds, size, need) if reuse else []
+    warm_start = warm_start or reuse  # the scout starts from the round before's
     pool_start = rounds[-1]["pool_end"] if rounds else after
     record: dict = {"after": after}
     if strategy in SCOUTED:
@@ -605,7 +611,7 @@ def select(
                 after,
                 num_classes,
                 directory,
-                reuse,
+                warm_start,
                 ahead.start,
             )
         finally:
@@ -705,7 +711,7 @@ def select(
             "seconds": round(time.monotonic() - start, 1),
         }
     )
-    if reuse and strategy in SCOUTED:  # before the round is written: the next one needs it
+    if warm_start and strategy in SCOUTED:  # before the round is written: the next one needs it
         _save_scout(scout, directory, round_index)
         record["scout"]["saved"] = True
     rounds.append(record)
@@ -725,11 +731,12 @@ def _save_scout(scout, directory: str, round_index: int) -> None:
 
 
 def _scout(
-    selection, queries, every, labeled, fetch, seed, after, num_classes, directory, reuse, trains
+    selection, queries, every, labeled, fetch, seed, after, num_classes, directory, warms, trains
 ):
     """(the scout, its training images, their count) of a round: plain_cnn on a subset of
     the labels so far (scout_subset), the images of the positions their queries sent.
-    `trains()` is called once those images are fetched, as the scout's training begins."""
+    `trains()` is called once those images are fetched, as the scout's training begins;
+    `warms`: the scout starts from the round before's when that one was saved."""
     round_index = len(selection["rounds"])
     queries = queries[scout_subset(every, SCOUT_MAX_EXAMPLES, seed + round_index)].tolist()
     answered = fetch([query_position(selection, k) for k in queries])
@@ -745,7 +752,7 @@ def _scout(
     # The round before's scout, saved with its round: none for round 0 and for rounds
     # chosen before warm starts existed (then this scout starts cold).
     warm = None
-    if reuse and round_index and _scouted(selection["rounds"][-1]):
+    if warms and round_index and _scouted(selection["rounds"][-1]):
         warm = os.path.join(directory, SCOUT_WEIGHTS.format(round=round_index - 1))
         if not os.path.exists(warm):
             raise UserInputError(

@@ -70,6 +70,8 @@ class StealConfig:
         least the exploration).
       selection_reuse: rounds reuse the round before's candidates and scout
         (attack.selection.select).
+      selection_warm_start: rounds warm-start their scout from the round before's, on
+        fresh pools (implied by selection_reuse).
       selection_random: share of each round drawn at random from its pool (0 with random
         order, whatever is given: sel.random_share).
     """
@@ -98,6 +100,7 @@ class StealConfig:
     selection_pool: int = Recipe.selection_pool
     selection_round: int = Recipe.selection_round
     selection_reuse: bool = Recipe.selection_reuse
+    selection_warm_start: bool = Recipe.selection_warm_start
     selection_random: float = Recipe.selection_random
 
     def __post_init__(self):
@@ -158,6 +161,7 @@ def identity_of(cfg: StealConfig, info: TargetInfo, num_classes: int, prep: Prep
         "records_per_shard": cfg.records_per_shard,
         "selection": cfg.selection,  # "random" for manifests written before it existed
         **({"selection_reuse": True} if cfg.selection_reuse else {}),
+        **({"selection_warm_start": True} if cfg.selection_warm_start else {}),
         **({"selection_random": cfg.selection_random} if cfg.selection_random else {}),
     }
 
@@ -448,6 +452,7 @@ def _select(
         cfg.seed,
         reuse=cfg.selection_reuse,
         random_share=cfg.selection_random,
+        warm_start=cfg.selection_warm_start,
     )
     if round_index and "scout_agreement" in selection["rounds"][round_index - 1]:
         logging.info(
