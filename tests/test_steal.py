@@ -852,7 +852,7 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
 
 
 @pytest.mark.parametrize(
-    "strategy, rounds, share",
+    "strategy, mode, share",
     [
         ("entropy", "fresh", 0.0),
         ("margin", "reuse", 0.0),
@@ -863,7 +863,7 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
     ],
 )
 def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
-    tmp_path, strategy, rounds, share, monkeypatch
+    tmp_path, strategy, mode, share, monkeypatch
 ):
     """Over gRPC against a real server: rounds of 64 after an exploration of 64, the last
     round partial (budget 200): the budget is exact, each round is recorded and its
@@ -889,8 +889,8 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
         crops_per_image=4,
         selection=strategy,
         selection_round=64,
-        selection_reuse=rounds == "reuse",
-        selection_warm_start=rounds == "warm_start",
+        selection_reuse=mode == "reuse",
+        selection_warm_start=mode == "warm_start",
         selection_random=share,
     )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
@@ -898,8 +898,17 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
         if strategy == "dfal":  # its input gradients choose the same again
             steal(tmp_path / "again", f"grpc://{s.grpc_target}/m", 200, **settings)
             assert layout(tmp_path / "again") == layout(tmp_path / "fake")
+        if mode != "fresh":  # resumed without its flag: refused, naming the flags it needs
+            made = f"--selection={strategy}{f' --selection_random={share:g}' if share else ''}"
+            with pytest.raises(UserInputError, match=f"made with {made} --selection_{mode}: "):
+                steal(
+                    tmp_path / "fake",
+                    f"grpc://{s.grpc_target}/m",
+                    200,
+                    **{**settings, "selection_reuse": False, "selection_warm_start": False},
+                )
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
-    mode, rounds = rounds, manifest["selection_record"]["rounds"]
+    rounds = manifest["selection_record"]["rounds"]
     assert [(r["after"], sum(r["predicted_histogram"])) for r in rounds] == [
         (64, 64),
         (128, 64),

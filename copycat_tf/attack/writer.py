@@ -23,6 +23,13 @@ from copycat_tf.errors import UserInputError
 
 JOURNAL_DIR = "journal"
 MAX_SKIP_EXAMPLES = 100
+# What makes a fake dataset's query selection its own (manifest key, value when absent).
+SELECTION_IDENTITY = (
+    ("selection", None),
+    ("selection_random", 0),
+    ("selection_reuse", False),
+    ("selection_warm_start", False),
+)
 
 
 def _now() -> str:
@@ -46,9 +53,15 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
                 f"({fd.MANIFEST}); pass an empty or new directory"
             )
         return None
-    differs = [k for k in identity if manifest.get(k) != identity[k]]
+    # Selection settings are in an identity only when set: one made with them is not
+    # this run's when they are unset now (nor the reverse).
+    defaults = dict(SELECTION_IDENTITY)
+    was, now = (
+        {k: d.get(k, defaults.get(k)) for k in [*identity, *defaults]} for d in (manifest, identity)
+    )
+    differs = [k for k in was if was[k] != now[k]]
     if differs:
-        detail = "; ".join(f"{k}: {manifest.get(k)} != {identity[k]}" for k in differs)
+        detail = "; ".join(f"{k}: {was[k]} != {now[k]}" for k in differs)
         hint = ""
         npd = manifest.get("npd") or {}
         made = npd.get("preparation") or {}
@@ -63,13 +76,12 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
         elif made.get("probe", 0) != wanted.get("probe", 0):
             probe = made.get("probe", 0)
             hint = f" (it was made with --invariance_probe={probe}: resume it with that)"
-        elif (manifest.get("selection"), manifest.get("selection_random", 0)) != (
-            identity["selection"],
-            identity.get("selection_random", 0),
-        ):
+        elif any(manifest.get(k, d) != identity.get(k, d) for k, d in SELECTION_IDENTITY):
             flag = f"--selection={manifest.get('selection')}"
             if manifest.get("selection_random"):
                 flag += f" --selection_random={manifest['selection_random']:g}"
+            for name in ("selection_reuse", "selection_warm_start"):
+                flag += f" --{name}" if manifest.get(name) else ""
             hint = f" (it was made with {flag}: resume it with that)"
         raise UserInputError(
             f"--output_dir {directory} holds a fake dataset of another run ({detail}); use a "
