@@ -76,7 +76,7 @@ def check_output_dir(directory: str, identity: dict) -> dict | None:
         elif made.get("probe", 0) != wanted.get("probe", 0):
             probe = made.get("probe", 0)
             hint = f" (it was made with --invariance_probe={probe}: resume it with that)"
-        elif any(manifest.get(k, d) != identity.get(k, d) for k, d in SELECTION_IDENTITY):
+        elif any(k in defaults for k in differs):
             flag = f"--selection={manifest.get('selection')}"
             if manifest.get("selection_random"):
                 flag += f" --selection_random={manifest['selection_random']:g}"
