@@ -369,7 +369,7 @@ def boundary_scorer(model):
 def boundary_distance(scores, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities, DeepFool step length in pixels towards the scout's runner-up
     class) of images, SCORE_BATCH at a time (see dfal in the module docstring); `scores`
-    is the scout's _boundary_scorer, made once per round (one trace of its graph)."""
+    is the scout's boundary_scorer, made once per round (one trace of its graph)."""
     x = images.astype(np.float32)
     outs = [scores(x[i : i + SCORE_BATCH]) for i in range(0, len(x), SCORE_BATCH)]
     logits = np.concatenate([o[0].numpy() for o in outs])
