@@ -47,7 +47,7 @@ def test_importing_the_package_and_light_modules_loads_no_tensorflow():
     code = (
         "import sys, copycat_tf, copycat_tf.errors, copycat_tf.recipe, copycat_tf.cli, "
         "copycat_tf.contract, copycat_tf.models.registry, copycat_tf.data.balance, "
-        "copycat_tf.training.flags, copycat_tf.studies.plan\n"
+        "copycat_tf.training.flags, copycat_tf.studies.plan, copycat_tf.data.npd_processes\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
         "assert sys.stderr.fileno() == 2\n"
     )

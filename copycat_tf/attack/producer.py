@@ -5,12 +5,16 @@ from the journal), encodes each new image as PNG once (stored in the dataset and
 REST/JSON clients), and stops once `remaining` queries are produced and no recovered
 answer lies further on, or when the stream ends. Items are pure functions of their
 index, so a window of them is computed by several threads (decoding pictures releases
-the GIL) and then taken in order: the result is the same as one thread's.
+the GIL) and then taken in order: the result is the same as one thread's. For a query
+selection, whose rounds make tens of thousands of candidates while a scout trains, the
+items of a folder: or synthetic: stream are made by worker processes instead
+(data.npd_processes): the same items, without taking turns for the interpreter's lock.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import queue
@@ -23,6 +27,7 @@ from copycat_tf.attack import selection as sel
 from copycat_tf.attack.adaptation import Exploration
 from copycat_tf.data.images import png_bytes
 from copycat_tf.data.npd import NpdStream
+from copycat_tf.data.npd_processes import ItemProcesses
 
 
 @dataclasses.dataclass
@@ -70,7 +75,8 @@ class Producer:
       remaining: new queries to produce.
       batch_size: queries per batch.
       capacity: batches produced ahead.
-      workers: threads computing NPD items (1 when the stream is not thread-safe).
+      workers: threads computing NPD items (1 when the stream is not thread-safe); for a
+        query selection on a thread-safe stream, worker processes instead (`processes`).
       exploration: for an adaptive preparation or a query selection, the exploration
         whose answers set the arm weights and choose the queries before the first
         position past it is produced.
@@ -80,6 +86,9 @@ class Producer:
         are kept between rounds (attack.selection.ImageCache).
       reuse: the selection takes unchosen candidates over to the next round (else they are
         dropped from the cache once a round is chosen).
+      processes: for a query selection on a thread-safe stream, make items in `workers`
+        worker processes (else on threads of this process: the same items, slower beside
+        a training scout).
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class Producer:
         exploration: Exploration | None = None,
         select: Callable[..., dict] | None = None,
         reuse: bool = False,
+        processes: bool = True,
     ):
         self.stream = stream
         self.start_index = start
@@ -111,7 +121,10 @@ class Producer:
         self.rounds_begun = 0  # rounds whose queries are being produced
         self._drawn: list[set[int]] = []  # per round, the positions drawn at random
         self.cache = sel.ImageCache() if select is not None else None
-        if select is not None:  # its rounds' pools pass over the same pictures again
+        self.processes: ItemProcesses | None = None
+        if select is not None and processes and self.workers > 1:
+            self.processes = ItemProcesses(stream, self.workers, sel.PICTURE_BYTES)
+        elif select is not None:  # its rounds' pools pass over the same pictures again
             stream.keep_pictures(sel.PICTURE_BYTES)
         self.reuse = reuse
         self._explored = False
@@ -262,11 +275,16 @@ class Producer:
             positions = [self.stream.position(k) for k in indices]
             found = self._fetch(pool, positions)
             return [self.stream.as_query(k, it) for k, it in zip(indices, found, strict=True)]
+        if raw and self.processes is not None:
+            return self.processes.items(indices)
         item = self.stream.item_at_position if raw else self.stream.item
         return in_blocks(item, indices, pool, self.workers)
 
     def _produce(self) -> None:
-        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="npd") as pool:
+        with (
+            concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="npd") as pool,
+            self.processes or contextlib.nullcontext(),
+        ):
             self._produce_with(pool)
 
     def _produce_with(self, pool) -> None:

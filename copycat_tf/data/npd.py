@@ -32,8 +32,8 @@ import numpy as np
 
 from copycat_tf.data import images, invariance
 from copycat_tf.data.generators import GENERATORS
+from copycat_tf.data.image_files import list_images, looks_like_image
 from copycat_tf.data.preparation import LEGACY, Preparation
-from copycat_tf.data.problem_domain import list_images, looks_like_image
 from copycat_tf.errors import UserInputError
 
 NPD_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
@@ -274,6 +274,7 @@ class NpdStream:
         self.crops = crops_per_image
         self.preparation = preparation
         self.shard_index, self.num_shards = shard_index, num_shards
+        self.data_dir = data_dir
         self.parts = parse_npd_spec(spec, seed, data_dir)
         self._weights = np.array([w for w, _ in self.parts])
         self._counts_before: dict[int, np.ndarray] = {0: np.zeros(len(self.parts), np.int64)}
@@ -291,6 +292,19 @@ class NpdStream:
         # (set once the choice is made; see attack.selection).
         self.remap: Callable[[int], int] | None = None
         self.remap_from = 0
+
+    def arguments(self) -> dict:
+        """The arguments that build this stream again (data.npd_processes' workers)."""
+        return {
+            "spec": self.spec,
+            "shape": self.shape,
+            "seed": self.seed,
+            "crops_per_image": self.crops,
+            "shard_index": self.shard_index,
+            "num_shards": self.num_shards,
+            "data_dir": self.data_dir,
+            "preparation": self.preparation,
+        }
 
     def position(self, k: int) -> int:
         """The stream position query index k sends (k itself unless a selection remaps it)."""

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from copycat_tf.data.image_files import IMAGE_EXTENSIONS, list_images, looks_like_image
 from copycat_tf.errors import UserInputError
 
 SPLITS = ("train", "validation", "test")
@@ -41,9 +42,6 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# Extensions tf.io.decode_image reads, and the leading bytes that identify each format.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 # Fraction of a dataset without its own validation/test split that is held out for each.
 HOLDOUT_FRACTION = 0.1
 
@@ -375,27 +373,6 @@ def _load_tfds(
 
 
 # ----------------------------------------------------------------------------- folders
-
-
-def list_images(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """All files under `root` (recursive, sorted) with one of `extensions`."""
-    found = []
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for f in sorted(files):
-            if f.lower().endswith(extensions):
-                found.append(os.path.join(dirpath, f))
-    return found
-
-
-def looks_like_image(path: str) -> bool:
-    """True when the file starts with the signature of a format tf.io.decode_image reads."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return head.startswith(_IMAGE_MAGIC)
 
 
 def _class_files(root: str) -> dict[str, list[str]]:
