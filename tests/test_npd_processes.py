@@ -62,6 +62,8 @@ def test_worker_processes_make_the_streams_items_bit_for_bit(tmp_path):
     with ItemProcesses(stream, 2, 1 << 30) as workers:
         first = workers.items(positions)
         assert len(workers._procs) == 2
+        lowest = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)  # the steal goes first
+        assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in workers._procs] == [lowest] * 2
         _same(first, [stream.item_at_position(p) for p in positions])
         unreadable = {item.source_id for item in first if item.image is None}
         assert unreadable and all(s.startswith("broken.png") for s in unreadable)
@@ -81,6 +83,20 @@ def test_worker_processes_make_the_streams_items_bit_for_bit(tmp_path):
     synthetic = NpdStream(spec, (10, 10, 3), seed=2)
     with ItemProcesses(synthetic, 3, 0) as workers:
         _same(workers.items(list(range(7))), [synthetic.item_at_position(p) for p in range(7)])
+
+
+def test_a_failure_in_a_worker_names_itself_and_no_reply_is_read_after_it(tmp_path):
+    """A worker that raises: its error reaches the caller; the other worker's reply to the
+    same call is never read, so every later call fails too instead of taking it for the
+    reply to its own positions."""
+    stream = _stream(_folder(tmp_path / "pictures"))  # adapts after 20 positions
+    workers = ItemProcesses(stream, 2, 0)
+    with pytest.raises(WorkerError, match="failed: RuntimeError: NPD item .* arm weights"):
+        workers.items(list(range(40)))  # the second block needs weights not set yet
+    stream.arm_weights = np.full(len(stream.preparation.arms), 1 / len(stream.preparation.arms))
+    with pytest.raises(WorkerError, match="arm weights"):
+        workers.items(list(range(4)))
+    workers.close()
 
 
 def test_closed_or_dead_workers_are_clear_errors_and_close_ends_them():

@@ -52,11 +52,14 @@ in an `ImageCache` of at most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x
 ~7,000, past which images are computed again from their positions: slower, never
 different); and the decoded pictures of a folder or TFDS source, kept for the steal's
 life up to PICTURE_BYTES (NpdStream.keep_pictures: the first ones decoded; openclipart
-at 28x28 is ~0.86 GB, all of it), since every round's pool crops the same pictures again.
+at 28x28 is ~0.86 GB, all of it), since every round's pool crops the same pictures again:
+in each of steal's two worker processes for folder: and synthetic: sources (so twice),
+in the steal's own process for tfds: ones.
 
-Time: a round's pool is made on a thread of its own while its scout trains (PoolAhead),
-and the scout trains EXECUTION_STEPS steps per call into TensorFlow, so the two share
-the cores instead of queueing for Python (benchmarks/selection_overhead.py).
+Time: a round's pool is asked for while its scout trains (PoolAhead) and made by worker
+processes (data.npd_processes; threads for a stream read in order), and the scout trains
+EXECUTION_STEPS steps per call into TensorFlow, so the two share the cores instead of
+queueing for Python (benchmarks/selection_overhead.py).
 """
 
 from __future__ import annotations
@@ -159,11 +162,11 @@ class ImageCache:
 
 
 class PoolAhead:
-    """Makes the items of a round's pool on a thread of its own while the round's scout
-    trains (they do not depend on it; Python and Pillow work next to TensorFlow's): the
-    scoring then finds them in the cache. Only while nothing else fetches, so streams
-    that are not thread-safe are safe too. Same items, only sooner: a failure here is left
-    for the scoring, which makes the item again and meets it itself."""
+    """Makes the items of a round's pool from a thread of its own while the round's scout
+    trains (they do not depend on it; steal's worker processes, or threads, work next to
+    TensorFlow's): the scoring then finds them in the cache. Only while nothing else
+    fetches, so streams that are not thread-safe are safe too. Same items, only sooner: a
+    failure here is left for the scoring, which makes the item again and meets it itself."""
 
     def __init__(self, fetch: Callable[[list[int]], list], positions: list[int]):
         self._fetch = fetch

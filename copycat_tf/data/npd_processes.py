@@ -12,8 +12,9 @@ and keeping its decoded pictures for the steal's life.
 Each worker is `python -m copycat_tf.data.npd_processes`, talking pickles over its stdin
 and stdout: it imports neither TensorFlow nor the parent's entry module, and it ends as
 soon as its stdin closes, which is also what happens when the parent is killed (no
-worker outlives a killed steal by more than the block in hand). Memory: each worker
-keeps up to `keep_bytes` of decoded pictures (openclipart at 28x28: ~0.9 GB each).
+worker outlives a killed steal by more than the block in hand). Workers run at the
+lowest priority, so they take what the steal's own work leaves of the cores. Memory: each
+worker keeps up to `keep_bytes` of decoded pictures (openclipart at 28x28: ~0.9 GB each).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import threading
 import numpy as np
 
 from copycat_tf.data.npd import NpdItem, NpdStream
+
+# Added to the workers' niceness (19: the lowest priority).
+WORKER_NICENESS = 19
 
 
 class WorkerError(RuntimeError):
@@ -53,6 +57,8 @@ class ItemProcesses:
         self._procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._closed = False
+        # The first failure: a failed exchange leaves replies unread, so none follows it.
+        self._failed: WorkerError | None = None
 
     def __enter__(self) -> ItemProcesses:
         return self
@@ -88,17 +94,28 @@ class ItemProcesses:
         with self._lock:
             if self._closed:
                 raise WorkerError("the NPD worker processes were closed")
-            if not self._procs:
-                self._start()
-            size = -(-len(positions) // self.count)
-            blocks = [positions[i : i + size] for i in range(0, len(positions), size)]
-            weights = self.stream.arm_weights
-            for proc, block in zip(self._procs, blocks, strict=False):
-                self._send(proc, (block, weights))
-            out: list = []
-            for proc, _ in zip(self._procs, blocks, strict=False):
-                out.extend(self._receive(proc))
-            return out
+            if self._failed is not None:
+                raise self._failed
+            try:
+                return self._exchange(positions)
+            except WorkerError as e:
+                self._failed = e
+                for proc in self._procs:  # what they were asked is never read now
+                    proc.kill()
+                raise
+
+    def _exchange(self, positions: list[int]) -> list:
+        if not self._procs:
+            self._start()
+        size = -(-len(positions) // self.count)
+        blocks = [positions[i : i + size] for i in range(0, len(positions), size)]
+        weights = self.stream.arm_weights
+        for proc, block in zip(self._procs, blocks, strict=False):
+            self._send(proc, (block, weights))
+        out: list = []
+        for proc, _ in zip(self._procs, blocks, strict=False):
+            out.extend(self._receive(proc))
+        return out
 
     def _send(self, proc: subprocess.Popen, message) -> None:
         try:
@@ -171,6 +188,10 @@ def _serve(stdin, stdout) -> None:
 
 
 def main() -> None:
+    # The lowest priority: the steal's own work (a scout training, queries sent) takes the
+    # cores first and the pool what is left (benchmarks/README.md, "Where a round's time
+    # goes": without it, some cold scouts took twice their time beside the workers).
+    os.nice(WORKER_NICENESS)
     # The protocol owns the real stdout; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
