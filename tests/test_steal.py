@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -851,6 +852,23 @@ def test_dfal_ranks_candidates_by_the_deepfool_step_to_the_runner_up_class():
     assert list(sel.choose_nearest(np.array([3.0, 1.0, 1.0, 0.5]), 2)) == [1, 3]
 
 
+def _npd_workers() -> list[int]:
+    """Living NPD worker processes (data.npd_processes) started by this process."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        ours = fields[0] != "Z" and int(fields[1]) == os.getpid()
+        if ours and b"copycat_tf.data.npd_processes" in command:
+            found.append(int(pid))
+    return found
+
+
 @pytest.mark.parametrize(
     "strategy, mode, share",
     [
@@ -872,10 +890,17 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     --selection_warm_start, they warm-start their scout and score fresh candidates.
     With --selection_random, that share of each round is drawn at random from its pool
     and its records say "random". dfal (input gradients of the scout) chooses the same
-    queries when run again."""
+    queries when run again. Candidates are made by worker processes, which end with the
+    steal."""
     from copycat_tf.attack import selection as sel
+    from copycat_tf.data.npd_processes import ItemProcesses
 
     monkeypatch.setattr(sel, "SCOUT_MIN_STEPS", 40)  # what is chosen is not judged here
+    by_workers = []  # positions the worker processes made (observed, then made as ever)
+    real_items = ItemProcesses.items
+    monkeypatch.setattr(
+        ItemProcesses, "items", lambda self, ps: by_workers.extend(ps) or real_items(self, ps)
+    )
 
     rng = np.random.default_rng(3)
     pictures = [
@@ -908,6 +933,11 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
                     **{**settings, "selection_reuse": False, "selection_warm_start": False},
                 )
     assert manifest["queries_spent"] == 200 and manifest["status"] == "complete"
+    assert len(set(by_workers)) >= 64 + 640  # the exploration's items and a pool at least
+    deadline = time.monotonic() + 60  # a liveness bound: the producer closes them at its end
+    while _npd_workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _npd_workers()
     rounds = manifest["selection_record"]["rounds"]
     assert [(r["after"], sum(r["predicted_histogram"])) for r in rounds] == [
         (64, 64),

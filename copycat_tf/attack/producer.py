@@ -76,7 +76,8 @@ class Producer:
       batch_size: queries per batch.
       capacity: batches produced ahead.
       workers: threads computing NPD items (1 when the stream is not thread-safe); for a
-        query selection on a thread-safe stream, worker processes instead (`processes`).
+        query selection on a thread-safe stream, worker processes instead (their pictures
+        kept in each, not in this process).
       exploration: for an adaptive preparation or a query selection, the exploration
         whose answers set the arm weights and choose the queries before the first
         position past it is produced.
@@ -86,9 +87,6 @@ class Producer:
         are kept between rounds (attack.selection.ImageCache).
       reuse: the selection takes unchosen candidates over to the next round (else they are
         dropped from the cache once a round is chosen).
-      processes: for a query selection on a thread-safe stream, make items in `workers`
-        worker processes (else on threads of this process: the same items, slower beside
-        a training scout).
     """
 
     def __init__(
@@ -103,7 +101,6 @@ class Producer:
         exploration: Exploration | None = None,
         select: Callable[..., dict] | None = None,
         reuse: bool = False,
-        processes: bool = True,
     ):
         self.stream = stream
         self.start_index = start
@@ -122,7 +119,7 @@ class Producer:
         self._drawn: list[set[int]] = []  # per round, the positions drawn at random
         self.cache = sel.ImageCache() if select is not None else None
         self.processes: ItemProcesses | None = None
-        if select is not None and processes and self.workers > 1:
+        if select is not None and self.workers > 1:
             self.processes = ItemProcesses(stream, self.workers, sel.PICTURE_BYTES)
         elif select is not None:  # its rounds' pools pass over the same pictures again
             stream.keep_pictures(sel.PICTURE_BYTES)
