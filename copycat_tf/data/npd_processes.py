@@ -9,7 +9,7 @@ own copy of the stream (built from the same arguments, so item k is the same pix
 items are pure functions of their position, the arm weights and the stream's arguments)
 and keeping its decoded pictures for the steal's life.
 
-Each worker is `python -m copycat_tf.data.npd_processes`, talking pickles over its stdin
+Each worker is a Python process running `main` below, talking pickles over its stdin
 and stdout: it imports neither TensorFlow nor the parent's entry module, and it ends as
 soon as its stdin closes, which is also what happens when the parent is killed (no
 worker outlives a killed steal by more than the block in hand). Workers run at the
@@ -67,16 +67,18 @@ class ItemProcesses:
         self.close()
 
     def _start(self) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # This very package, whether installed or run from a source tree (first on the
+        # path only when it is not there already: an installed one's site-packages must
+        # not come before the standard library).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (
+            f"import sys\nif {root!r} not in sys.path: sys.path.insert(0, {root!r})\n"
+            "from copycat_tf.data.npd_processes import main\nmain()\n"
+        )
         hello = (self.stream.arguments(), self.keep_bytes)
         for _ in range(self.count):
             proc = subprocess.Popen(
-                [sys.executable, "-m", "copycat_tf.data.npd_processes"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=env,
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
             self._procs.append(proc)
             self._send(proc, hello)
@@ -188,6 +190,7 @@ def _serve(stdin, stdout) -> None:
 
 
 def main() -> None:
+    """A worker: serves the parent on stdin/stdout until its stdin closes."""
     # The lowest priority: the steal's own work (a scout training, queries sent) takes the
     # cores first and the pool what is left (benchmarks/README.md, "Where a round's time
     # goes": without it, some cold scouts took twice their time beside the workers).
@@ -198,7 +201,3 @@ def main() -> None:
     # Ctrl-C reaches the whole process group: the parent reports it
     with contextlib.suppress(KeyboardInterrupt):
         _serve(sys.stdin.buffer, out)
-
-
-if __name__ == "__main__":
-    main()
