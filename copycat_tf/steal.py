@@ -215,6 +215,15 @@ flags.DEFINE_integer(
     lower_bound=0,
 )
 flags.DEFINE_string("npd_data_dir", None, "TFDS data dir for tfds: NPD sources.")
+flags.DEFINE_integer(
+    "npd_workers",
+    2,
+    "Threads making NPD items; with --selection on a folder: or synthetic: NPD, worker "
+    "processes making its candidate pools, each keeping its own decoded pictures (up to "
+    "1 GiB; openclipart at 28x28: ~0.9 GB each). The same items whatever the count; "
+    "measured with 2 on 2 cores (benchmarks/README.md).",
+    lower_bound=1,
+)
 flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 flags.DEFINE_integer(
     "skew_check_after",
@@ -339,6 +348,7 @@ def main(argv):
         crops_per_image=FLAGS.crops_per_image,
         preparation=Preparation.of(cli.recipe_from_flags(FLAGS, RECIPE), FLAGS.npd_legacy),
         records_per_shard=FLAGS.records_per_shard,
+        npd_workers=FLAGS.npd_workers,
         retry=RetryPolicy(timeout_s=FLAGS.request_timeout, max_retries=FLAGS.max_retries),
         num_classes=FLAGS.num_classes,
         npd_data_dir=FLAGS.npd_data_dir,

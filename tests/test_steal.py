@@ -890,8 +890,8 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     --selection_warm_start, they warm-start their scout and score fresh candidates.
     With --selection_random, that share of each round is drawn at random from its pool
     and its records say "random". dfal (input gradients of the scout) chooses the same
-    queries when run again. Candidates are made by worker processes, which end with the
-    steal."""
+    queries when run again, with another count of worker processes. Candidates are made
+    by worker processes, which end with the steal."""
     from copycat_tf.attack import selection as sel
     from copycat_tf.data.npd_processes import ItemProcesses
 
@@ -920,8 +920,10 @@ def test_every_scout_strategy_end_to_end_with_a_partial_last_round(
     )
     with ServerProcess(f"--model_base_path={base}", "--model_name=m") as s:
         manifest = steal(tmp_path / "fake", f"grpc://{s.grpc_target}/m", 200, **settings)
-        if strategy == "dfal":  # its input gradients choose the same again
-            steal(tmp_path / "again", f"grpc://{s.grpc_target}/m", 200, **settings)
+        if strategy == "dfal":  # its input gradients choose the same again, from
+            # candidates made by one worker process instead of two
+            url = f"grpc://{s.grpc_target}/m"
+            steal(tmp_path / "again", url, 200, **settings, npd_workers=1)
             assert layout(tmp_path / "again") == layout(tmp_path / "fake")
         if mode != "fresh":  # resumed without its flag: refused, naming the flags it needs
             made = f"--selection={strategy}{f' --selection_random={share:g}' if share else ''}"

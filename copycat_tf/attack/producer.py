@@ -119,7 +119,7 @@ class Producer:
         self._drawn: list[set[int]] = []  # per round, the positions drawn at random
         self.cache = sel.ImageCache() if select is not None else None
         self.processes: ItemProcesses | None = None
-        if select is not None and self.workers > 1:
+        if select is not None and stream.thread_safe:
             self.processes = ItemProcesses(stream, self.workers, sel.PICTURE_BYTES)
         elif select is not None:  # its rounds' pools pass over the same pictures again
             stream.keep_pictures(sel.PICTURE_BYTES)

@@ -53,8 +53,8 @@ in an `ImageCache` of at most CACHE_BYTES (28x28 grey: ~1.2 million images; 224x
 different); and the decoded pictures of a folder or TFDS source, kept for the steal's
 life up to PICTURE_BYTES (NpdStream.keep_pictures: the first ones decoded; openclipart
 at 28x28 is ~0.86 GB, all of it), since every round's pool crops the same pictures again:
-in each of steal's two worker processes for folder: and synthetic: sources (so twice),
-in the steal's own process for tfds: ones.
+in each of steal's worker processes for folder: and synthetic: sources (--npd_workers,
+2 by default: so twice), in the steal's own process for tfds: ones.
 
 Time: a round's pool is asked for while its scout trains (PoolAhead) and made by worker
 processes (data.npd_processes; threads for a stream read in order), and the scout trains

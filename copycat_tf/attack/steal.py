@@ -58,6 +58,9 @@ class StealConfig:
       crops_per_image: NPD items per source picture (in one pass).
       preparation: how natural NPD pictures are prepared (None: the Recipe's).
       records_per_shard: records in each committed shard.
+      npd_workers: threads making NPD items; for a query selection on a folder: or
+        synthetic: stream, worker processes (each keeping its own decoded pictures, up to
+        attack.selection.PICTURE_BYTES). The same items whatever the count.
       retry: request timeout and retry policy.
       num_classes: the target's class count when its metadata does not tell (label-only).
       npd_data_dir: data dir for tfds: and pd: NPD sources.
@@ -90,6 +93,7 @@ class StealConfig:
     crops_per_image: int = Recipe.crops_per_image
     preparation: Preparation | None = None
     records_per_shard: int = 10_000
+    npd_workers: int = 2
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     num_classes: int = 0
     npd_data_dir: str | None = None
@@ -287,6 +291,7 @@ class _StealRun:
             batch_size,
             capacity=cfg.max_in_flight + 2,
             exploration=self.exploration,
+            workers=cfg.npd_workers,
             select=select,
             reuse=cfg.selection_reuse,
         )
