@@ -2,7 +2,9 @@
 # The package as users install it: builds the wheel, installs it (and its [dev] extra) into
 # an empty venv outside the checkout, and runs it from another directory: `python -m
 # copycat_tf`, --version, every verb's --help as a console script and as a module, then
-# copycat-demo --quick on a tiny generated dataset. Run by `make test` (so by CI).
+# copycat-demo --quick on a tiny generated dataset, its queries chosen in rounds (so its
+# candidates made by the installed package's NPD worker processes). Run by `make test` (so
+# by CI).
 #   bash scripts/package_smoke.sh
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -51,7 +53,7 @@ sys.path.insert(0, "$repo/tests")
 from conftest import write_fashion_idx
 write_fashion_idx("$work/fashion")
 PY
-venv/bin/copycat-demo --quick --data_dir="$work/fashion" --npd=synthetic:shapes \
+venv/bin/copycat-demo --quick --data_dir="$work/fashion" --npd=synthetic:shapes --selection=entropy \
   --query_budget=200 --epochs=1 --eval_examples=40 --workdir=demo > demo.txt 2> demo.err \
   || { tail -20 demo.err >&2; exit 1; }
 grep -q "agreement with target" demo.txt
