@@ -27,7 +27,7 @@ from copycat_tf.attack import selection as sel
 from copycat_tf.attack.adaptation import Exploration
 from copycat_tf.data.images import png_bytes
 from copycat_tf.data.npd import NpdStream
-from copycat_tf.data.npd_processes import ItemProcesses
+from copycat_tf.data.npd_processes import ItemProcesses, contiguous_blocks
 
 
 @dataclasses.dataclass
@@ -59,8 +59,7 @@ def in_blocks(item: Callable[[int], object], indices: list[int], pool, workers: 
     blocks (consecutive crops of a picture share its decoding)."""
     if workers == 1 or len(indices) < 2:
         return [item(k) for k in indices]
-    size = -(-len(indices) // workers)
-    blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    blocks = contiguous_blocks(indices, workers)
     done = pool.map(lambda block: [item(k) for k in block], blocks)
     return [x for block in done for x in block]
 

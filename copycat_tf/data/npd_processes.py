@@ -34,6 +34,13 @@ from copycat_tf.data.npd import NpdItem, NpdStream
 WORKER_NICENESS = 19
 
 
+def contiguous_blocks(indices: list, parts: int) -> list[list]:
+    """`indices` cut into at most `parts` contiguous blocks of (nearly) equal size, in order
+    (consecutive crops of a picture stay together and share its decoding)."""
+    size = -(-len(indices) // parts)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
 class WorkerError(RuntimeError):
     """A worker process failed or ended while making NPD items."""
 
@@ -109,8 +116,7 @@ class ItemProcesses:
     def _exchange(self, positions: list[int]) -> list:
         if not self._procs:
             self._start()
-        size = -(-len(positions) // self.count)
-        blocks = [positions[i : i + size] for i in range(0, len(positions), size)]
+        blocks = contiguous_blocks(positions, self.count)
         weights = self.stream.arm_weights
         for proc, block in zip(self._procs, blocks, strict=False):
             self._send(proc, (block, weights))
